@@ -1,0 +1,85 @@
+"""Judge throughput: sequential (the seed's loop) vs concurrent requests, against a fake API.
+
+Starts tests/fake_responses_server.py as a subprocess with a fixed latency per request
+(default 200 ms, a typical hosted-judge round trip), then judges the same N pairs with
+``hhdpo.judge`` at concurrency 1 and at concurrency C through the real ``openai``
+client, and prints requests/s for both and their ratio (target: >= 20x at C=32).
+
+    python bench/judge_throughput.py [--requests 64] [--latency 0.2] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_fake_server(latency: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_responses_server.py"), "--latency", str(latency)],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"fake server did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+
+def make_pairs(path: Path, n: int) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_responses_server import hh_generation_records
+
+    from hhdpo.pairwise import make_pairwise
+
+    gen = path.with_name("gen.jsonl")
+    gen.write_text("".join(json.dumps(r) + "\n" for r in hh_generation_records(n)))
+    make_pairwise(gen, path, shuffle_ab=True, seed=0)
+
+
+def measure(pairs: Path, out: Path, base_url: str, concurrency: int) -> tuple[float, int]:
+    from hhdpo.judge import JudgeSettings, judge_files
+
+    settings = JudgeSettings(model="fake-judge", concurrency=concurrency, progress=False)
+    t0 = time.perf_counter()
+    stats = asyncio.run(judge_files([pairs], [out], settings, base_url=base_url, log=lambda m: None))
+    dt = time.perf_counter() - t0
+    if stats.files[0].errors or stats.files[0].judged == 0:
+        raise RuntimeError(f"benchmark run failed: {stats}")
+    return dt, stats.requests
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64, help="pairs to judge per run (default: 64)")
+    p.add_argument("--latency", type=float, default=0.2, help="fake server latency per request, s (default: 0.2)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent run's requests in flight (default: 32)")
+    args = p.parse_args(argv)
+    import openai  # noqa: F401  (imported up front: ~1 s that is not judging throughput)
+
+    proc, url = start_fake_server(args.latency)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs = Path(tmp) / "pairwise.jsonl"
+            make_pairs(pairs, args.requests)
+            rates = {}
+            for c in (1, args.concurrency):
+                dt, n = measure(pairs, Path(tmp) / f"judged_c{c}.jsonl", url, c)
+                rates[c] = n / dt
+                print(f"concurrency {c:>3}: {n} requests in {dt:6.2f} s -> {rates[c]:7.1f} requests/s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    ratio = rates[args.concurrency] / rates[1]
+    print(f"speed-up at concurrency {args.concurrency}: {ratio:.1f}x (latency {1000 * args.latency:.0f} ms/request)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``hhdpo <stage> ...``: one console script, one subcommand per stage.
+
+Each stage module owns its argument parser and exposes ``cli(argv) -> int``; this file
+only dispatches, so ``hhdpo train`` and ``python -m hhdpo.train`` are the same code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "train": ("hhdpo.train", "train a DPO policy with FSDP2 (launches torchrun when needed)"),
+    "data": ("hhdpo.data", "show how HH pairs parse and render; parse/skip counts"),
+    "generate": ("hhdpo.generate", "generate policy/base responses to HH test prompts (vLLM)"),
+    "pairwise": ("hhdpo.pairwise", "build A/B pairwise files against HH chosen responses"),
+    "judge": ("hhdpo.judge", "judge pairwise files with an LLM judge (OpenAI-compatible)"),
+    "summarize": ("hhdpo.summarize", "win/loss/tie with Wilson CIs, table, JSON and chart"),
+    "eval": ("hhdpo.evaluate", "generate -> pairwise -> judge -> summarize in one go"),
+    "upload": ("hhdpo.upload", "upload the model and logs to the Hugging Face Hub"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hhdpo <stage> [options]   (hhdpo <stage> --help for a stage's options)", "", "stages:"]
+    lines += [f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from hhdpo import __version__
+
+        print(__version__)
+        sys.exit(0)
+    stage = argv[0]
+    if stage not in STAGES:
+        print(f"hhdpo: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(STAGES[stage][0])
+    sys.exit(module.cli(argv[1:]))

@@ -1,0 +1,318 @@
+"""Anthropic HH-RLHF: load, split into prompt/responses, apply the chat template, batch.
+
+Parsing. Each HH record is two full conversations, ``chosen`` and ``rejected``, written as
+``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is the longest common prefix of the
+two that ends at a ``\\n\\nAssistant:`` turn boundary; the responses are what follows
+(possibly several turns, when the conversations diverge before the last one). Splitting
+each text at its own last ``\\n\\nAssistant:`` (the seed) gives two different prompts for
+such pairs.
+
+Templating. Prompt turns become chat messages and the model's chat template renders
+prompt+response once, as token ids; the response tokens are those the template emits
+after the prompt (``add_generation_prompt=True``) up to and including the end-of-turn
+token. There is no second tokenizer pass over template text, so no doubled BOS.
+
+    hhdpo data --config configs/smollm2_cpu.yaml --show 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hhdpo.io import DataError, iter_jsonl
+
+ASSISTANT = "\n\nAssistant:"
+_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
+_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class Pair:
+    prompt: str  # raw HH prompt text, ending with "\n\nAssistant:"
+    chosen: str  # raw continuation after the prompt (leading space stripped)
+    rejected: str
+    prompt_messages: list[dict] = field(default_factory=list)
+    chosen_messages: list[dict] = field(default_factory=list)
+    rejected_messages: list[dict] = field(default_factory=list)
+
+
+def hh_to_messages(text: str) -> list[dict] | None:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> chat messages; None if not HH-shaped."""
+    parts = _TURN_RE.split(text)
+    if parts[0].strip():  # text before the first turn marker
+        return None
+    msgs = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        msgs.append({"role": _ROLE[role], "content": content.strip()})
+    return msgs or None
+
+
+def _continuation_messages(text: str) -> list[dict] | None:
+    """Messages of a response that starts mid-assistant-turn (after the prompt)."""
+    return hh_to_messages("\n\nAssistant:" + text)
+
+
+def split_pair(chosen: str, rejected: str) -> Pair | str:
+    """Split an HH pair at its common prompt. Returns a Pair, or a skip reason string."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(ASSISTANT, 0, n)
+    if cut < 0:
+        return "no_common_assistant_turn"
+    end = cut + len(ASSISTANT)
+    prompt, c, r = chosen[:end], chosen[end:], rejected[end:]
+    if not c.strip() or not r.strip():
+        return "empty_response"
+    if c.strip() == r.strip():
+        return "identical_responses"
+    pm, cm, rm = hh_to_messages(prompt + " x"), _continuation_messages(c), _continuation_messages(r)
+    if pm is None or cm is None or rm is None or pm[0]["role"] != "user":
+        return "unparseable"
+    pm = pm[:-1]  # drop the placeholder assistant turn
+    if any(not m["content"] for m in pm) or not cm[0]["content"] or not rm[0]["content"]:
+        return "empty_turn"
+    return Pair(prompt, c.lstrip(" "), r.lstrip(" "), pm, cm, rm)
+
+
+def seed_split(text: str) -> tuple[str, str]:
+    """The seed's split: at the text's own last ``\\n\\nAssistant:`` (kept for comparison)."""
+    i = text.rfind(ASSISTANT) + len(ASSISTANT)
+    return text[:i], text[i:]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_SLICE_RE = re.compile(r"^(?P<name>[A-Za-z_]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def slice_split(rows: list, split: str) -> list:
+    """Apply a datasets-style slice (``train[:10%]``, ``test[100:200]``) to a list."""
+    m = _SLICE_RE.match(split)
+    if m is None:
+        raise DataError(f"split {split!r}: expected NAME or NAME[start:stop] (percent allowed)")
+
+    def pos(v):
+        if v is None:
+            return None
+        if v.endswith("%"):
+            return round(len(rows) * int(v[:-1]) / 100)
+        return int(v)
+
+    return rows[pos(m["start"]) : pos(m["stop"])]
+
+
+def is_local(source: str) -> bool:
+    return source.endswith((".jsonl", ".jsonl.gz", ".json")) or Path(source).exists()
+
+
+def load_raw(source: str, split: str, data_dirs: list[str] | None = None) -> list[tuple[str, dict]]:
+    """Rows as (origin, record) where origin is "file:line" or "hub/subset/split:i"."""
+    if is_local(source):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"{source}: data file not found")
+        files = sorted(path.glob("*.jsonl*")) if path.is_dir() else [path]
+        rows = [(f"{f}:{ln}", rec) for f in files for ln, rec in iter_jsonl(f)]
+        return slice_split(rows, split)
+    import datasets
+
+    rows = []
+    for d in data_dirs or [None]:
+        try:
+            ds = datasets.load_dataset(source, data_dir=d, split=split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; surface the source
+            raise DataError(f"dataset {source!r} (data_dir={d}, split={split}): {e}") from None
+        rows += [(f"{source}/{d or 'all'}/{split}:{i}", rec) for i, rec in enumerate(ds)]
+    return rows
+
+
+def load_pairs(source: str, split: str, data_dirs: list[str] | None = None, log=print) -> tuple[list[Pair], Counter]:
+    """Load and parse HH pairs; skipped pairs are counted by reason and reported."""
+    pairs, skipped = [], Counter()
+    for origin, rec in load_raw(source, split, data_dirs):
+        if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
+            raise DataError(f"{origin}: expected string fields 'chosen' and 'rejected', got keys {sorted(rec)}")
+        out = split_pair(rec["chosen"], rec["rejected"])
+        if isinstance(out, str):
+            skipped[out] += 1
+        else:
+            pairs.append(out)
+    if log:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+        log(f"[data] {source} {split}: {len(pairs)} pairs parsed, {sum(skipped.values())} skipped ({detail})")
+    if not pairs:
+        raise DataError(f"{source} {split}: no usable HH pairs")
+    return pairs, skipped
+
+
+def train_val_split(n: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_ratio))
+    return perm[n_val:], perm[:n_val]
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def _ids(out) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _trim_after_eot(ids: list[int], tokenizer) -> list[int]:
+    """Drop template whitespace after the final end-of-turn token (ChatML adds a newline)."""
+    while ids and tokenizer.decode(ids[-1:]).strip() == "" and ids[-1] != tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def prompt_ids(pair_or_messages, tokenizer, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt, ready for the assistant's reply (generation uses this too)."""
+    if isinstance(pair_or_messages, Pair):
+        msgs, raw = pair_or_messages.prompt_messages, pair_or_messages.prompt
+    else:
+        msgs, raw = pair_or_messages, None
+    if use_chat_template:
+        return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    if raw is None:
+        raw = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs) + ASSISTANT
+    return tokenizer(raw, add_special_tokens=True)["input_ids"]
+
+
+def response_ids(pair: Pair, which: str, tokenizer, p_ids: list[int], use_chat_template: bool = True) -> list[int]:
+    """Token ids the model is trained on for ``which`` in {chosen, rejected}."""
+    if not use_chat_template:
+        text = " " + getattr(pair, which)
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    msgs = pair.prompt_messages + getattr(pair, f"{which}_messages")
+    full = _ids(tokenizer.apply_chat_template(msgs, tokenize=True))
+    if full[: len(p_ids)] != p_ids:
+        raise DataError("chat template does not render the prompt as a prefix of prompt+response")
+    return _trim_after_eot(full[len(p_ids):], tokenizer)
+
+
+def truncate(p: list[int], c: list[int], r: list[int], max_len: int, max_prompt_len: int, bos_id=None):
+    """Fit prompt+response into max_len: cut the prompt from the left first (keeping a
+    leading BOS and the end of the conversation), never below max_prompt_len, then the
+    responses from the right. Responses keep at least max_len - max_prompt_len >= 1 tokens."""
+    longest = max(len(c), len(r))
+    if len(p) + longest > max_len:
+        keep = min(len(p), max(max_len - longest, max_prompt_len))
+        if keep < len(p):
+            head = [p[0]] if bos_id is not None and p and p[0] == bos_id and keep > 1 else []
+            p = head + p[len(p) - (keep - len(head)) :]
+        budget = max_len - len(p)
+        c, r = c[:budget], r[:budget]
+    return p, c, r
+
+
+def tokenize_pair(pair: Pair, tokenizer, max_len: int, max_prompt_len: int | None = None, use_chat_template: bool = True) -> dict:
+    p = prompt_ids(pair, tokenizer, use_chat_template)
+    c = response_ids(pair, "chosen", tokenizer, p, use_chat_template)
+    r = response_ids(pair, "rejected", tokenizer, p, use_chat_template)
+    p, c, r = truncate(p, c, r, max_len, max_prompt_len or max_len // 2, tokenizer.bos_token_id)
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, cfg_dataset, progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    it = tqdm(pairs, desc="tokenize", disable=not progress, leave=False)
+    return [tokenize_pair(p, tokenizer, cfg_dataset.max_len, cfg_dataset.max_prompt_len, cfg_dataset.use_chat_template) for p in it]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[dict], pad_id: int):
+    """Concatenated batch: rows [0, B) chosen, [B, 2B) rejected; padded to the longest row.
+
+    Returns input_ids, attention_mask and labels (-100 on prompt and padding), as tensors.
+    """
+    import torch
+
+    seqs, labels = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for ex in examples:
+            seqs.append(ex["prompt_ids"] + ex[key])
+            labels.append([-100] * len(ex["prompt_ids"]) + ex[key])
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def rank_batches(n: int, batch_size: int, rank: int, world: int, epoch: int, seed: int) -> list[list[int]]:
+    """This rank's micro-batches (indices into the train set) for one epoch.
+
+    Like DistributedSampler(shuffle=True, drop_last=True): one permutation per epoch,
+    ranks take disjoint strided slices, and every rank gets the same number of batches
+    so collective ops stay in step.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = (n // world) // batch_size * batch_size
+    mine = perm[rank::world][:per_rank]
+    return [mine[i : i + batch_size].tolist() for i in range(0, per_rank, batch_size)]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def show(cfg, n: int, out=sys.stdout) -> int:
+    from hhdpo.models import load_tokenizer
+
+    ds = cfg.dataset
+    pairs, skipped = load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
+    tok = load_tokenizer(cfg.policy_model, cfg.trust_remote_code)
+    seed_diff = sum(seed_split(p.prompt + " " + p.chosen)[0] != seed_split(p.prompt + " " + p.rejected)[0] for p in pairs)
+    for i, pair in enumerate(pairs[:n]):
+        ex = tokenize_pair(pair, tok, ds.max_len, ds.max_prompt_len, ds.use_chat_template)
+        print(f"=== pair {i} " + "=" * 60, file=out)
+        print(f"prompt messages: {len(pair.prompt_messages)}  prompt tokens: {len(ex['prompt_ids'])}", file=out)
+        print(f"--- rendered prompt ---\n{tok.decode(ex['prompt_ids'])}", file=out)
+        for which in ("chosen", "rejected"):
+            ids = ex[f"{which}_ids"]
+            print(f"--- {which}: {len(ids)} trained tokens ---\n{tok.decode(ids)}", file=out)
+            print(f"    tokens: {tok.convert_ids_to_tokens(ids[:8])} ... {tok.convert_ids_to_tokens(ids[-3:])}", file=out)
+    total = len(pairs) + sum(skipped.values())
+    print(f"\n{ds.dataset_name} {ds.subset}: {total} records, {len(pairs)} parsed, {sum(skipped.values())} skipped "
+          f"{dict(skipped)}; {seed_diff} pairs whose prompt the seed's last-turn split gets wrong", file=out)
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from hhdpo.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="hhdpo data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (dataset and policy_model sections are used)")
+    ap.add_argument("--show", type=int, default=3, metavar="N", help="print how the first N pairs render")
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return show(cfg, args.show)
+    except (ConfigError, DataError) as e:
+        print(f"hhdpo data: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,90 @@
+"""DPO-family losses and sequence log-probabilities, as pure tensor functions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of the log-probabilities of the labelled tokens of each sequence.
+
+    Args:
+        logits: (B, T, V) next-token logits; position t predicts token t+1.
+        labels: (B, T) token ids, -100 where a token is not scored (prompt, padding).
+        average: return the mean over scored tokens instead of the sum (length-normalised).
+    Returns:
+        (B,) float32 log pi(y | x).
+    """
+    logits = logits[:, :-1, :]
+    labels = labels[:, 1:]
+    mask = labels != -100
+    safe = labels.masked_fill(~mask, 0)
+    # log_softmax via gather - logsumexp, in fp32: bf16 logits lose the small differences DPO needs
+    logits = logits.float()
+    token_logps = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    total = (token_logps * mask).sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example preference loss and implicit rewards.
+
+    With h = (log pi(y_w|x) - log pi(y_l|x)) - (log pi_ref(y_w|x) - log pi_ref(y_l|x))
+    (the reference terms are 0 when ``reference_free``) and eps = ``label_smoothing``:
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023, eq. 7; with eps > 0 the conservative cDPO of
+      Mitchell 2023): L = -(1 - eps) log s(beta h) - eps log s(-beta h)
+    - ``robust`` (Chowdhury et al. 2024, "Provably Robust DPO", eq. 5):
+      L = ((1 - eps) (-log s(beta h)) - eps (-log s(-beta h))) / (1 - 2 eps)
+    - ``hinge`` (SLiC, Zhao et al. 2023): L = max(0, 1 - beta h)
+    - ``ipo`` (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2
+
+    Args:
+        policy_*_logps: (B,) log-probs of chosen/rejected responses under the policy.
+        reference_*_logps: (B,) the same under the frozen reference model.
+        beta: KL-penalty temperature.
+        loss_type: one of :data:`LOSS_TYPES`.
+        label_smoothing: assumed probability that a preference label is flipped.
+        reference_free: ignore the reference model (implicit uniform reference).
+    Returns:
+        losses (B,), chosen_rewards (B,), rejected_rewards (B,); rewards are
+        beta * (log pi - log pi_ref), detached.
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = 0.0 if reference_free else reference_chosen_logps - reference_rejected_logps
+    h = pi_logratios - ref_logratios
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps
+    elif loss_type == "robust":
+        losses = (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    ref_c = 0.0 if reference_free else reference_chosen_logps
+    ref_r = 0.0 if reference_free else reference_rejected_logps
+    chosen_rewards = beta * (policy_chosen_logps - ref_c).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_r).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def implicit_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps) -> torch.Tensor:
+    """M = (log pi(c) - log pi(r)) - (log pi_ref(c) - log pi_ref(r)), detached: the tail test's input."""
+    return ((policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)).detach()
