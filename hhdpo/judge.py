@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -206,32 +207,24 @@ def parse_verdict(text: str, template: str = "strict") -> tuple[str, str]:
 # --------------------------------------------------------------------------- mapping
 
 
-def model_and_chosen_ids(a_id: str, b_id: str, chosen_id: str = CHOSEN_ID) -> tuple[str, str]:
-    """Which label is the model: whichever of a_id/b_id is not the HH chosen one."""
-    if b_id == chosen_id:
-        return a_id, chosen_id
-    if a_id == chosen_id:
-        return b_id, chosen_id
-    return a_id, chosen_id  # unusual labels: fall back to is_swapped (see map_winner)
+def model_side(a_id: str, b_id: str, is_swapped: bool, chosen_id: str = CHOSEN_ID) -> str:
+    """Which slot holds the model response: the one whose id is not ``chosen_id``; for files
+    with other labels, the pairwise convention (A is the model unless swapped)."""
+    if b_id == chosen_id and a_id != chosen_id:
+        return "a"
+    if a_id == chosen_id and b_id != chosen_id:
+        return "b"
+    return "b" if is_swapped else "a"
 
 
 def map_winner(winner: Optional[str], a_id: str, b_id: str, is_swapped: bool,
                chosen_id: str = CHOSEN_ID) -> tuple[Optional[str], str, str]:
-    """Map an A/B verdict to ``(winner_model_vs_chosen, model_id, chosen_id)``.
-
-    The model side is the one whose id is not ``chosen_id``; when neither id is (files
-    with custom labels) the pairwise convention decides: A is the model unless swapped.
-    """
-    model_id, chosen = model_and_chosen_ids(a_id, b_id, chosen_id)
-    if winner is None:
-        return None, model_id, chosen
-    if winner == "tie":
-        return "tie", model_id, chosen
-    if chosen_id in (a_id, b_id):
-        model_side = "a" if b_id == chosen_id else "b"
-    else:
-        model_side = "b" if is_swapped else "a"
-    return ("model" if winner == model_side else "chosen"), model_id, chosen
+    """Map an A/B verdict to ``(winner_model_vs_chosen, model_id, chosen_id)``."""
+    side = model_side(a_id, b_id, is_swapped, chosen_id)
+    model_id, chosen = (a_id, b_id) if side == "a" else (b_id, a_id)
+    if winner is None or winner == "tie":
+        return winner, model_id, chosen
+    return ("model" if winner == side else "chosen"), model_id, chosen
 
 
 def reconcile(w_ab: str, w_ba: str) -> str:
@@ -390,6 +383,22 @@ def load_pairs(path) -> list[dict]:
         seen[rec["idx"]] = lineno
         pairs.append(rec)
     return pairs
+
+
+@contextlib.contextmanager
+def _exclusive(out_path: Path):
+    """One judge per out_file: two writers (e.g. a requeued job while the old one still runs)
+    would judge the same missing idx twice. flock is released by the kernel even on SIGKILL."""
+    import fcntl
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path.with_name(f".{out_path.name}.lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{out_path}: another hhdpo judge is writing it (lock held); wait for it or "
+                            "pick another --out_file") from None
+        yield
 
 
 def default_out_file(in_file) -> Path:
@@ -582,9 +591,13 @@ class Judge:
                                 "--both-orders; pick another --out_file to avoid mixing protocols")
 
     async def judge_file(self, in_file, out_file) -> FileStats:
+        out_path = Path(out_file)
+        with _exclusive(out_path):
+            return await self._judge_file(in_file, out_path)
+
+    async def _judge_file(self, in_file, out_path: Path) -> FileStats:
         from tqdm import tqdm
 
-        out_path = Path(out_file)
         pairs = load_pairs(in_file)
         existing = repair_jsonl(out_path)  # cuts a torn last line from a killed run
         self._check_resumable(out_path, existing)
@@ -736,6 +749,8 @@ def build_parser(jc: JudgeConfig) -> argparse.ArgumentParser:
     p.add_argument("--serve-model", dest="serve_model", default=jc.serve_model,
                    help=f"model served locally with vLLM when there is no key and no base URL "
                         f"(default: {jc.serve_model})")
+    p.add_argument("--chosen_id", default=CHOSEN_ID,
+                   help=f"label of the HH chosen side in a_id/b_id (default: {CHOSEN_ID})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -759,7 +774,7 @@ def cli(argv: list[str]) -> int:
     settings = JudgeSettings.from_config(jc, **{
         k: getattr(args, k) for k in ("model", "api", "template", "concurrency", "max_retries", "timeout",
                                       "max_requests", "max_tokens", "max_output_tokens", "both_orders",
-                                      "retry_errors", "structured", "backoff_base", "progress")})
+                                      "retry_errors", "structured", "backoff_base", "chosen_id", "progress")})
     settings.temperature = args.temperature
 
     def run(base_url):

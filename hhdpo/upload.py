@@ -65,14 +65,14 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
+def _visible(p: Path, root: Path) -> bool:
+    """A regular file that is not hidden, under no hidden dir, and not a temp file of an atomic write."""
+    rel = p.relative_to(root)
+    return p.is_file() and not any(part.startswith(".") for part in rel.parts) and p.suffix not in (".tmp", ".partial")
+
+
 def _files_under(root: Path) -> list[Path]:
-    """Regular files under root, hidden files/dirs and temp files left out, sorted."""
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and p.suffix not in (".tmp", ".partial"):
-            out.append(p)
-    return out
+    return [p for p in sorted(root.rglob("*")) if _visible(p, root)]
 
 
 def last_jsonl_record(path: Optional[Path]) -> Optional[dict]:
@@ -118,9 +118,10 @@ def model_card(repo_id: str, config_text: Optional[str], metrics: Optional[dict]
     if summary and summary.get("files"):
         from hhdpo.summarize import markdown
 
+        judges = sorted({j for r in summary["files"] for j in r.get("judge_models", [])})
         lines += ["## Win rates against the HH chosen responses", "",
-                  f"Judged pairwise by {', '.join(sorted({j for r in summary['files'] for j in r.get('judge_models', [])})) or 'an LLM judge'}; "
-                  "errored verdicts are excluded.", "", markdown(summary), ""]
+                  f"Judged pairwise by {', '.join(judges) or 'an LLM judge'}; errored verdicts are excluded.", "",
+                  markdown(summary), ""]
     if metrics:
         lines += ["## Final training metrics", "", "| metric | value |", "|---|---:|"]
         for k, v in metrics.items():
@@ -139,8 +140,9 @@ def model_card(repo_id: str, config_text: Optional[str], metrics: Optional[dict]
 def logs_card(logs_repo: str, model_repo: Optional[str], summary: Optional[dict]) -> str:
     lines = [f"# {logs_repo.split('/')[-1]}", "", "Training and evaluation logs of an `hhdpo` DPO run"
              + (f" (model: [{model_repo}](https://huggingface.co/{model_repo}))." if model_repo else "."), "",
-             "- `margins/`: per-step DPO margin / tail-test logs", "- `metrics.jsonl`: training metrics, one line per log step",
-             "- `eval/`: generations, pairwise files, judged verdicts", "- `summary.json`: win rates with Wilson CIs", ""]
+             "- `margins/`: per-step DPO margin / tail-test logs",
+             "- `metrics.jsonl`: training metrics, one line per log step",
+             "- `eval/`: generations, pairwise files, judged verdicts, `summary.json` (win rates, Wilson CIs)", ""]
     if summary and summary.get("files"):
         from hhdpo.summarize import markdown
 
@@ -179,8 +181,8 @@ def plan(src: Sources, model_repo: Optional[str], logs_repo: Optional[str], what
         t = Target("model", model_repo, "model")
         t.items.append(Item("README.md", model_card(model_repo, config_text, last_jsonl_record(src.metrics),
                                                     summary, logs_repo).encode(), "generated model card"))
-        for p in sorted(src.model_dir.iterdir()):
-            if not p.is_file() or p.name.startswith(".") or p.name in _NOT_MODEL_FILES or p.suffix in (".tmp", ".partial"):
+        for p in sorted(src.model_dir.iterdir()):  # top level only: subdirs are checkpoints and logs
+            if not _visible(p, src.model_dir) or p.name in _NOT_MODEL_FILES:
                 continue
             if p.name == "config.yaml":
                 t.items.append(Item("config.yaml", config_text.encode(), "training config, secrets redacted"))
@@ -195,12 +197,13 @@ def plan(src: Sources, model_repo: Optional[str], logs_repo: Optional[str], what
         if config_text:
             t.items.append(Item("config.yaml", config_text.encode(), "training config, secrets redacted"))
         if src.margins_dir and src.margins_dir.is_dir():
-            t.items += [Item(f"margins/{p.relative_to(src.margins_dir).as_posix()}", p) for p in _files_under(src.margins_dir)]
+            t.items += [Item(f"margins/{p.relative_to(src.margins_dir).as_posix()}", p)
+                        for p in _files_under(src.margins_dir)]
         if src.metrics and src.metrics.is_file():
             t.items.append(Item("metrics.jsonl", src.metrics))
         if src.eval_dir and src.eval_dir.is_dir():
             t.items += [Item(f"eval/{p.relative_to(src.eval_dir).as_posix()}", p) for p in _files_under(src.eval_dir)]
-        in_eval = src.eval_dir is not None and src.summary is not None and src.summary.resolve().is_relative_to(src.eval_dir.resolve())
+        in_eval = bool(src.eval_dir and src.summary and src.summary.resolve().is_relative_to(src.eval_dir.resolve()))
         if src.summary and src.summary.is_file() and not in_eval:  # else already under eval/
             t.items.append(Item("summary.json", src.summary))
         if len(t.items) <= 2:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_responses_server import FakeOpenAIServer, hh_generation_records
+from tests.fake_responses_server import FakeOpenAIServer, hh_generation_records
 from hhdpo import judge
 from hhdpo.io import DataError
 from hhdpo.judge import JudgeSettings, judge_files, map_winner, parse_verdict, VerdictError
@@ -329,6 +329,29 @@ def test_bad_input_and_mixed_judges_are_refused(tmp_path):
         with pytest.raises(DataError, match="judge_model='fake-judge'"):
             run(pw, out, srv, model="another-judge")
         assert judge.default_out_file(pw).name == "policy_judged.jsonl"
+        with pytest.raises(ValueError, match="must be distinct"):
+            run(pw, pw, srv)
+
+
+def test_two_judges_on_one_out_file_are_refused(tmp_path):
+    """A second writer (e.g. a requeued job while the first still runs) would duplicate verdicts."""
+    pw, pairs = make_pairs(tmp_path, 30)
+    out = tmp_path / "judged.jsonl"
+    with FakeOpenAIServer(latency=0.05) as srv:
+        srv.set_index(pairs)
+        first = subprocess.Popen(_judge_cmd(pw, out, srv.base_url, "--no-progress", "--concurrency", "1"),
+                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out.exists() and out.read_bytes()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(DataError, match="another hhdpo judge is writing it"):
+                run(pw, out, srv)
+        finally:
+            first.kill()
+            first.wait()
+        run(pw, out, srv)  # the lock died with the killed process: resume works
+    assert sorted(r["idx"] for r in read(out)) == sorted(p["idx"] for p in pairs)
 
 
 def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys):

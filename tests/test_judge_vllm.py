@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fake_responses_server import hh_generation_records
+from tests.fake_responses_server import hh_generation_records
 from hhdpo import judge, serve
 from hhdpo.pairwise import make_pairwise
 
@@ -77,7 +77,7 @@ def test_local_vllm_judge_parses_every_verdict(tmp_path, monkeypatch, capsys):
         assert server.running()
         rc = judge.cli(["--in_file", str(pw), "--out_file", str(out), "--base-url", server.base_url,
                         "--model", server.served_name, "--api", "responses", "--template", "strict",
-                        "--concurrency", "4", "--timeout", "300", "--max-output-tokens", "256", "--no-progress"])
+                        "--concurrency", "4", "--timeout", "300", "--max-output-tokens", "64", "--no-progress"])
         assert rc == 0, capsys.readouterr().err
 
     recs = [json.loads(line) for line in out.read_text().splitlines()]

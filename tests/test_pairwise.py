@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fake_responses_server import hh_generation_records
+from tests.fake_responses_server import hh_generation_records
 from hhdpo import pairwise
 from hhdpo.io import DataError
 from hhdpo.judge import map_winner
@@ -82,6 +82,11 @@ def test_seed_cli_flags_and_ids(gen_file, tmp_path, capsys):
     recs = read_jsonl(out)
     assert {frozenset((r["a_id"], r["b_id"])) for r in recs} == {frozenset(("dpo_v2", "human_chosen"))}
     assert all(r["shuffle_seed"] == 42 and r["dataset"] == "Anthropic/hh-rlhf" and "response" in r for r in recs)
+    for r in recs:  # custom labels still map back: by is_swapped when no side is called hh_chosen
+        assert map_winner("a", r["a_id"], r["b_id"], r["is_swapped"]) == (
+            ("chosen", "dpo_v2", "human_chosen") if r["is_swapped"] else ("model", "dpo_v2", "human_chosen"))
+        assert map_winner("a", r["a_id"], r["b_id"], r["is_swapped"], chosen_id="human_chosen")[0] == (
+            "chosen" if r["is_swapped"] else "model")
 
 
 def test_config_defaults_and_override(gen_file, tmp_path):

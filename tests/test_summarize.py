@@ -6,7 +6,7 @@ import math
 import pytest
 from scipy.stats import binomtest, norm
 
-from fake_responses_server import hh_generation_records
+from tests.fake_responses_server import hh_generation_records
 from hhdpo import summarize as S
 from hhdpo.judge import map_winner
 from hhdpo.pairwise import make_pairwise

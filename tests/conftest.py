@@ -1,0 +1,61 @@
+"""Shared fixtures: the real HH file (never copied), SmolLM2, and a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HH_NAME = "harmless-base-test.jsonl.gz"
+
+
+def hh_path() -> Path:
+    env = os.environ.get("HH_DATA")
+    p = Path(env) if env else REPO.parent / "shared" / "data" / "hh-rlhf"
+    return p / HH_NAME if p.is_dir() else p
+
+
+@pytest.fixture(scope="session")
+def hh_file() -> Path:
+    p = hh_path()
+    if not p.is_file():
+        pytest.fail(f"real HH data not found at {p}; set HH_DATA to the file or its directory")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from hhdpo.models import resolve_model
+
+    return Path(resolve_model("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template (fast unit tests)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def run_cli(*args, env=None, timeout=900, cwd=None):
+    """Run ``hhdpo ...`` in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "hhdpo", *map(str, args)], capture_output=True, text=True,
+                          env=e, timeout=timeout, cwd=cwd or REPO)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hhdpo.config import Config, ConfigError, config_yaml, load_config, save_config
+
+SEED = Path(__file__).parent / "data" / "seed_config.yaml"
+
+
+def test_seed_config_loads_unchanged():
+    cfg = load_config(SEED, ["policy_model=smollm2", "ref_model=smollm2"])
+    assert cfg.dpo_training.learning_rate == pytest.approx(5e-7)  # YAML 1.1 reads 5e-7 as a string
+    assert cfg.tail_test.lambda_ == 0.1 and cfg.tail_test.delta == 0.05
+    assert cfg.HH_test.HH_test_policy_out == "eval_outputs/policy_out.jsonl"
+    assert cfg.dataset.subset == "train[:10%]" and cfg.precision == "bf16"
+    assert cfg.huggingface.model_repo == "your-name/dpo_llama3_8b"
+    # new sections take defaults
+    assert cfg.checkpoint.resume == "auto" and cfg.wandb.mode == "disabled"
+
+
+def test_repo_configs_load():
+    for p in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        assert isinstance(load_config(p), Config), p
+
+
+def test_overrides_typed():
+    cfg = load_config(None, ["dpo_training.dpo_beta=0.25", "dataset.data_dirs=[harmless-base, helpful-base]",
+                             "wandb.mode=offline", "dpo_training.save_dir=123", "HH_test.do_sample=false"])
+    assert cfg.dpo_training.dpo_beta == 0.25
+    assert cfg.dataset.data_dirs == ["harmless-base", "helpful-base"]
+    assert cfg.dpo_training.save_dir == "123" and cfg.HH_test.do_sample is False
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("dpo_training.dpo_bta=0.1", ["dpo_training.dpo_bta", "unknown", "did you mean dpo_training.dpo_beta"]),
+    ("dpo_trainin.dpo_beta=0.1", ["dpo_trainin", "did you mean dpo_training"]),
+    ("dpo_training.batch_size=abc", ["dpo_training.batch_size", "'abc'", "expected an integer"]),
+    ("dpo_training.dpo_beta=-1", ["dpo_training.dpo_beta", "-1", "> 0"]),
+    ("tail_test.lambda=2", ["tail_test.lambda", "(0, 1]"]),
+    ("dataset.use_chat_template=maybe", ["dataset.use_chat_template", "true or false"]),
+    ("dpo_training.loss_type=kto", ["dpo_training.loss_type", "kto", "sigmoid"]),
+    ("dataset=5", ["dataset", "mapping"]),
+])
+def test_bad_values_name_the_key(override, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(SEED, [override])
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("dpo_training:\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_roundtrips_and_has_no_secret(tmp_path, monkeypatch):
+    secret = "sk-test-SECRET-9f8e7d"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    cfg = load_config(SEED, ["policy_model=smollm2", f"judge.base_url=http://user:{secret}@127.0.0.1:9/v1"])
+    path = save_config(cfg, tmp_path)
+    text = path.read_text()
+    assert secret not in text and "***" in text
+    again = load_config(path)
+    assert again.dpo_training == cfg.dpo_training and again.tail_test == cfg.tail_test
+    assert yaml.safe_load(config_yaml(cfg))["tail_test"]["lambda"] == 0.1

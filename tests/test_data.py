@@ -1,0 +1,155 @@
+import gzip
+import json
+
+import pytest
+import torch
+
+from hhdpo.data import (ASSISTANT, collate, load_pairs, prompt_ids, rank_batches, seed_split, slice_split, split_pair,
+                        tokenize_pair, train_val_split)
+from hhdpo.io import DataError
+
+
+@pytest.fixture(scope="module")
+def raw(hh_file):
+    with gzip.open(hh_file, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir):
+    from hhdpo.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_dir))
+
+
+def test_real_file_counts(hh_file, raw):
+    pairs, skipped = load_pairs(str(hh_file), "train", log=None)
+    assert len(raw) == 2312
+    assert len(pairs) + sum(skipped.values()) == 2312
+    assert skipped == {"empty_response": 4}
+    assert len(slice_split(raw, "train[:10%]")) == 231 and len(slice_split(raw, "x[100:110]")) == 10
+
+
+def test_common_prefix_split_on_divergent_pairs(raw):
+    divergent = [r for r in raw if seed_split(r["chosen"])[0] != seed_split(r["rejected"])[0]]
+    assert len(divergent) == 5
+    for r in divergent:
+        pair = split_pair(r["chosen"], r["rejected"])
+        assert pair.prompt.endswith(ASSISTANT)
+        assert r["chosen"].startswith(pair.prompt) and r["rejected"].startswith(pair.prompt)
+        assert r["chosen"][len(pair.prompt):].lstrip(" ") == pair.chosen
+        assert r["rejected"][len(pair.prompt):].lstrip(" ") == pair.rejected
+        # the prompt is the longest such prefix: the two continuations differ before their next Assistant turn
+        nxt = min(pair.chosen.find(ASSISTANT) % 10**9, pair.rejected.find(ASSISTANT) % 10**9)
+        assert pair.chosen[:nxt] != pair.rejected[:nxt]
+        # and the seed split at least one side at a different turn
+        assert seed_split(r["chosen"])[0] != pair.prompt or seed_split(r["rejected"])[0] != pair.prompt
+
+
+def test_split_edge_cases():
+    assert split_pair("\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: yo\n\nAssistant: a") == "no_common_assistant_turn"
+    assert split_pair("\n\nHuman: hi\n\nAssistant:", "\n\nHuman: hi\n\nAssistant: b") == "empty_response"
+    p = split_pair("\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: x",
+                   "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: y")
+    assert p.prompt_messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+                                 {"role": "user", "content": "more"}]
+    assert p.chosen_messages == [{"role": "assistant", "content": "x"}]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    good = json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"})
+    f.write_text(good + "\n" + good + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
+        load_pairs(str(f), "train", log=None)
+    f.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: expected string fields"):
+        load_pairs(str(f), "train", log=None)
+    with pytest.raises(DataError, match="not found"):
+        load_pairs(str(tmp_path / "nope.jsonl"), "train", log=None)
+
+
+def test_response_tokens_are_the_template_assistant_turn(hh_file, tok):
+    pairs, _ = load_pairs(str(hh_file), "train[:20]", log=None)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    for pair in pairs:
+        ex = tokenize_pair(pair, tok, max_len=4096)
+        for which in ("chosen", "rejected"):
+            msgs = pair.prompt_messages + getattr(pair, f"{which}_messages")
+            full = tok.apply_chat_template(msgs, tokenize=False)
+            prompt = tok.apply_chat_template(pair.prompt_messages, tokenize=False, add_generation_prompt=True)
+            assert full.startswith(prompt)
+            ids = ex[f"{which}_ids"]
+            assert ids[-1] == eot  # ends with the end-of-turn token, nothing after
+            assert tok.decode(ids) == full[len(prompt):].rstrip("\n")
+        assert tok.decode(ex["prompt_ids"]) == prompt
+
+
+def test_no_doubled_bos(hh_file, smollm2_dir):
+    """Llama-3 style: the template emits BOS and the tokenizer adds BOS too. Tokenizing the
+    rendered template text (the seed) doubles it; rendering straight to ids (ours) does not."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.bos_token = "<|endoftext|>"
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    pairs, _ = load_pairs(str(hh_file), "train[:5]", log=None)
+    for pair in pairs:
+        text = tok.apply_chat_template(pair.prompt_messages, tokenize=False, add_generation_prompt=True)
+        assert tok(text)["input_ids"][:2] == [bos, bos]  # the seed's doubled BOS
+        ours = prompt_ids(pair, tok)
+        assert ours[0] == bos and ours.count(bos) == 1
+        ex = tokenize_pair(pair, tok, max_len=4096)
+        assert (ex["prompt_ids"] + ex["chosen_ids"] + ex["rejected_ids"]).count(bos) == 1
+
+
+def test_truncation_keeps_response_and_prompt_end(hh_file, tok):
+    pairs, _ = load_pairs(str(hh_file), "train[:300]", log=None)
+    long_prompt = max(pairs, key=lambda p: len(p.prompt))
+    full = tokenize_pair(long_prompt, tok, max_len=100000)
+    cut = tokenize_pair(long_prompt, tok, max_len=64, max_prompt_len=40)
+    assert len(cut["prompt_ids"]) + max(len(cut["chosen_ids"]), len(cut["rejected_ids"])) <= 64
+    assert cut["prompt_ids"][-10:] == full["prompt_ids"][-10:]  # the end of the conversation is kept
+    assert cut["prompt_ids"][0] == full["prompt_ids"][0]  # the template's first token is kept
+    for p in pairs:
+        ex = tokenize_pair(p, tok, max_len=48, max_prompt_len=40)
+        assert len(ex["chosen_ids"]) >= 1 and len(ex["rejected_ids"]) >= 1
+        assert len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= 48
+
+
+def test_collate_masks_prompt_and_padding():
+    exs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+           {"prompt_ids": [7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13]}]
+    b = collate(exs, pad_id=0)
+    assert b["input_ids"].shape == (4, 5)  # longest row, not max_len
+    assert b["labels"][0].tolist() == [-100, -100, -100, 4, 5]
+    assert b["labels"][2].tolist() == [-100, -100, -100, 6, -100]
+    assert b["labels"][1].tolist() == [-100, 8, 9, 10, 11]
+    assert b["attention_mask"][3].tolist() == [1, 1, 1, 0, 0]
+    assert torch.equal(b["input_ids"][3], torch.tensor([7, 12, 13, 0, 0]))
+
+
+def test_rank_batches_disjoint_and_deterministic():
+    world, bs = 3, 4
+    parts = [rank_batches(101, bs, r, world, epoch=2, seed=7) for r in range(world)]
+    flat = [i for p in parts for b in p for i in b]
+    assert len(flat) == len(set(flat)) == 96
+    assert all(len(p) == len(parts[0]) for p in parts)
+    assert parts[1] == rank_batches(101, bs, 1, world, epoch=2, seed=7)
+    assert parts[1] != rank_batches(101, bs, 1, world, epoch=3, seed=7)
+    tr, va = train_val_split(100, 0.1, 42)
+    assert len(va) == 10 and not set(tr) & set(va)
+    assert (tr == train_val_split(100, 0.1, 42)[0]).all()
+
+
+def test_data_cli_show(hh_file):
+    from tests.conftest import run_cli
+
+    r = run_cli("data", "--config", "configs/smollm2_cpu.yaml", "--show", "2", f"dataset.dataset_name={hh_file}",
+                "dataset.subset=train")
+    assert r.returncode == 0, r.stderr
+    assert "=== pair 1" in r.stdout and "trained tokens" in r.stdout
+    assert "2308 parsed, 4 skipped" in r.stdout and "5 pairs whose prompt the seed" in r.stdout

@@ -1,0 +1,192 @@
+"""Trainer tests: bad inputs, exact resume after SIGTERM, precomputed reference, and the
+end-to-end 2-rank FSDP run on SmolLM2 with the real HH file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hhdpo.io import read_jsonl
+from tests.conftest import REPO, run_cli
+
+CFG = "configs/smollm2_cpu.yaml"
+
+
+def base_overrides(hh_file, save_dir, **kw):
+    o = {"dataset.dataset_name": hh_file, "dataset.subset": "train[:64]", "dataset.val_ratio": 0,
+         "dataset.max_len": 64, "dataset.max_prompt_len": 40, "dpo_training.batch_size": 1,
+         "dpo_training.learning_rate": 1e-5, "dpo_training.warmup_steps": 2, "dpo_training.log_steps": 1,
+         "dpo_training.max_steps": 6, "dpo_training.save_dir": save_dir, "checkpoint.save_steps": 0,
+         "tail_test.lambda": 0.3, "tail_test.adaptive_beta": True, "tail_test.alpha": 0.5}
+    o.update(kw)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("unknown_key", "dpo_training.dpo_bta: unknown config key; did you mean dpo_training.dpo_beta"),
+    ("wrong_type", "dpo_training.batch_size: got 'four'"),
+    ("malformed_jsonl", "bad.jsonl:2: malformed JSON"),
+    ("missing_data", "nope.jsonl.gz: data file not found"),
+    ("missing_model", "model './no-such-model'"),
+])
+def test_bad_inputs_exit_nonzero_and_touch_nothing(tmp_path, hh_file, case, needle):
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (save / "model.safetensors").write_bytes(b"earlier run")
+    before = tree_digest(save)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n{oops\n")
+    extra = {
+        "unknown_key": ["dpo_training.dpo_bta=0.2"],
+        "wrong_type": ["dpo_training.batch_size=four"],
+        "malformed_jsonl": [f"dataset.dataset_name={bad}"],
+        "missing_data": [f"dataset.dataset_name={tmp_path / 'nope.jsonl.gz'}"],
+        "missing_model": ["policy_model=./no-such-model"],
+    }[case]
+    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, save), *extra, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert needle in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert tree_digest(save) == before
+
+
+def test_refuses_save_dir_holding_another_run(tmp_path, hh_file):
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    before = tree_digest(save)
+    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, save), timeout=300)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    assert tree_digest(save) == before
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _losses(save: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(save / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.slow
+def test_sigterm_resume_matches_uninterrupted_run(tmp_path, hh_file):
+    """2 FSDP ranks on SmolLM2: SIGTERM after step k, requeue, same losses and tail state."""
+    steps = 7
+    full = tmp_path / "full"
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, full, **{"dpo_training.max_steps": steps}))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    part = tmp_path / "part"
+    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", CFG, "--nproc-per-node", "2",
+           *base_overrides(hh_file, part, **{"dpo_training.max_steps": steps})]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = [s for s, _ in _losses(part)] if (part / "metrics.jsonl").exists() else []
+        if done and done[-1] >= 2:
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # like SLURM's preemption signal to the job step
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 42, out[-3000:]
+    state = json.loads((part / "run_state.json").read_text())
+    k = state["step"]
+    assert state["status"] == "preempted" and 2 <= k < steps, state
+    assert (part / "checkpoints" / f"step_{k:07d}" / "meta.json").is_file()
+    assert not (part / "model.safetensors").exists()
+
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, part, **{"dpo_training.max_steps": steps}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from" in r.stdout
+
+    a, b = _losses(full), _losses(part)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    assert [l for _, l in b] == pytest.approx([l for _, l in a], rel=1e-5)
+    for name in ("global_tail_test_and_beta_log.jsonl", "global_margins_log.jsonl"):
+        ta, tb = read_jsonl(full / "logs/margins" / name), read_jsonl(part / "logs/margins" / name)
+        assert len(ta) == len(tb) > 0
+        for x, y in zip(ta, tb):
+            assert x.keys() == y.keys()
+            for key in x:
+                if isinstance(x[key], float):
+                    assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (name, key)
+                else:
+                    assert y[key] == x[key]
+    betas = [r["beta"] for r in read_jsonl(full / "logs/margins/global_tail_test_and_beta_log.jsonl")]
+    assert len(set(betas)) > 1  # adaptive beta really moved, and was restored on resume
+
+
+# ----------------------------------------------------------------------------- precomputed reference
+
+
+def test_precomputed_reference_matches_live_reference(tmp_path, hh_file, tiny_llama_dir):
+    env = {"HHDPO_CACHE": str(tmp_path / "cache")}
+    common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}"]
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    r1 = run_cli("train", "--config", CFG, *base_overrides(hh_file, live, **{"dpo_training.max_steps": 4}), *common, env=env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_cli("train", "--config", CFG, *base_overrides(hh_file, pre, **{"dpo_training.max_steps": 4}), *common,
+                 "dpo_training.precompute_ref_log_probs=true", env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert [l for _, l in _losses(pre)] == pytest.approx([l for _, l in _losses(live)], rel=1e-4)
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == 1
+    r3 = run_cli("train", "--config", CFG, *base_overrides(hh_file, tmp_path / "again", **{"dpo_training.max_steps": 1}),
+                 *common, "dpo_training.precompute_ref_log_probs=true", env=env)
+    assert r3.returncode == 0 and "reference log-probs from cache" in r3.stdout
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_training_learns_and_exports(tmp_path, hh_file):
+    save = tmp_path / "run"
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, save, **{
+        "dataset.subset": "train[:32]", "dataset.max_len": 96, "dataset.max_prompt_len": 64,
+        "dpo_training.batch_size": 2, "dpo_training.max_steps": 24, "dpo_training.log_steps": 8,
+        "dpo_training.learning_rate": 2e-5, "dpo_training.lr_scheduler": "constant", "tail_test.adaptive_beta": False}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [m for m in read_jsonl(save / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in logs] == [8, 16, 24]
+    last = logs[-1]  # third pass over the same 32 training pairs
+    assert last["rewards/accuracies"] > 0.5 and last["loss"] < math.log(2), logs
+    assert last["loss"] < logs[0]["loss"]
+    assert all(m["tokens/s"] > 0 and m["grad_norm"] > 0 for m in logs)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = json.loads((save / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    tok = AutoTokenizer.from_pretrained(save)
+    model = AutoModelForCausalLM.from_pretrained(save)
+    assert tok.chat_template and sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    saved = yaml_load(save / "config.yaml")
+    assert saved["dpo_training"]["max_steps"] == 24
+    assert (save / "logs/margins/global_tail_test_and_beta_log.jsonl").is_file()
+
+
+def yaml_load(p):
+    import yaml
+
+    return yaml.safe_load(Path(p).read_text())
