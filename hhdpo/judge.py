@@ -633,6 +633,8 @@ class Judge:
 
         async def worker():
             for pair in it:  # shared iterator: each pair is taken by exactly one worker
+                if writer_task.done():  # the writer failed (e.g. disk full): stop paying for verdicts
+                    return
                 try:
                     rec = await self.judge_pair(pair)
                 except BudgetExhausted:
@@ -794,7 +796,7 @@ def cli(argv: list[str]) -> int:
             with VLLMServer(args.serve_model) as server:
                 settings.model = server.served_name
                 stats = run(server.base_url)
-    except (DataError, ValueError, JudgeFatal, RuntimeError) as e:
+    except (DataError, ValueError, JudgeFatal, RuntimeError, OSError) as e:
         print(f"hhdpo judge: error: {redact(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,509 @@
+"""DPO training throughput: hhdpo (FSDP2) vs TRL's DPOTrainer, same machine, model and pairs.
+
+Every configuration runs in a fresh subprocess (so peak RSS from getrusage is its own) with
+the same thread count, on the first --pairs HH pairs of --data as hhdpo parses and tokenizes
+them, in the same micro-batches of --batch-size pairs, in the same order:
+
+  hhdpo-fp32 / hhdpo-bf16           live (FSDP2-sharded) reference model; bf16 = FSDP2
+                                    MixedPrecisionPolicy(param_dtype=bf16), fp32 master weights
+  hhdpo-fp32-pre / hhdpo-bf16-pre   dpo_training.precompute_ref_log_probs=true, cold cache
+                                    (HHDPO_CACHE is a fresh temp dir); the one-off precompute is
+                                    timed separately and excluded from tokens/s
+  trl-fp32 / trl-bf16               trl.DPOTrainer, DPOConfig(bf16=..., use_cpu=True)
+  trl-fp32-pre / trl-bf16-pre       the same with precompute_ref_log_probs=True
+
+TRL is given hhdpo's token ids (prompt_ids / chosen_ids / rejected_ids, already truncated to
+max_len / max_prompt_len), so both train on identical token sequences: TRL 1.16 has no
+max_prompt_length (its collator cuts prompt+completion at max_length from the right, i.e. it
+drops response tokens where hhdpo drops old prompt turns), and its own chat-template
+tokenization keeps the template's newline after <|im_end|> that hhdpo trims; the TRL child
+reports how many pairs its own conversational tokenization would render identically.
+
+tokens = non-pad tokens (attention_mask sum) of the chosen+rejected rows actually processed:
+hhdpo's train_step stats['tokens']; for TRL a wrapper around its data collator. The first
+--warmup steps are excluded; the timed window runs from the end of the last warm-up step to
+the end of the last step (data collation, forward/backward, clipping, optimizer included).
+Model FLOPs = 6*N*tokens (policy fwd+bwd) + 2*N*tokens (live reference forward), N = all
+parameters (the tied embedding counted once, as the LM head), attention FLOPs ignored; shown
+as a fraction of the measured 2048^3 matmul rate (fp32 for fp32 runs, bf16 for bf16 runs).
+
+Not a test: run it on an otherwise idle machine (the load average is printed).
+
+    python bench/train_throughput.py                          # all 8 configs, ~12 steps each
+    python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --pairs 40 --out /tmp/tp.json
+    python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --profile 3   # torch.profiler tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name: (framework, precision, precompute)
+    "hhdpo-fp32": ("hhdpo", "fp32", False),
+    "hhdpo-bf16": ("hhdpo", "bf16", False),
+    "hhdpo-fp32-pre": ("hhdpo", "fp32", True),
+    "hhdpo-bf16-pre": ("hhdpo", "bf16", True),
+    "trl-fp32": ("trl", "fp32", False),
+    "trl-bf16": ("trl", "bf16", False),
+    "trl-fp32-pre": ("trl", "fp32", True),
+    "trl-bf16-pre": ("trl", "bf16", True),
+}
+RESULT_TAG = "BENCH_RESULT "
+LR, BETA, WARMUP_LR, MAX_GRAD_NORM = 5e-6, 0.1, 5, 10.0  # configs/smollm2_cpu.yaml's values, given to both
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+def loadavg() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hhdpo_overrides(a, precision: str, precompute: bool, save_dir: str) -> list[str]:
+    return [
+        f"dataset.dataset_name={a.data}", f"dataset.subset=test[:{a.raw_rows}]", "dataset.val_ratio=0",
+        f"dataset.max_len={a.max_len}", f"dataset.max_prompt_len={a.max_prompt_len}",
+        f"precision={precision}", "device=cpu",
+        f"dpo_training.batch_size={a.batch_size}", "dpo_training.gradient_accumulation_steps=1",
+        f"dpo_training.max_steps={a.steps}", f"dpo_training.learning_rate={LR}", f"dpo_training.dpo_beta={BETA}",
+        "dpo_training.loss_type=sigmoid", f"dpo_training.warmup_steps={WARMUP_LR}", "dpo_training.lr_scheduler=cosine",
+        f"dpo_training.max_grad_norm={MAX_GRAD_NORM}", "dpo_training.activation_checkpointing=false",
+        f"dpo_training.precompute_ref_log_probs={'true' if precompute else 'false'}",
+        f"dpo_training.save_dir={save_dir}", "checkpoint.save_steps=0", "checkpoint.resume=never",
+        "wandb.mode=disabled",
+    ]
+
+
+def micro_batches(a) -> list[list[int]]:
+    """Pairs 0..P-1 in file order, batch_size at a time; steps cycle over them."""
+    n = a.pairs // a.batch_size * a.batch_size
+    return [list(range(i, i + a.batch_size)) for i in range(0, n, a.batch_size)]
+
+
+def window(ends: list[float], tokens: list[int], warmup: int) -> tuple[float, int]:
+    """Seconds and tokens from the end of step `warmup` to the end of the last step."""
+    return ends[-1] - ends[warmup - 1], sum(tokens[warmup:])
+
+
+def profile_table(prof, limit: int = 30) -> str:
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=limit, max_name_column_width=60)
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def child_hhdpo(a, precision: str, precompute: bool) -> dict:
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import torch.distributed as dist
+
+    import hhdpo.train as ht
+    from hhdpo.config import load_config
+
+    extra = {}
+    orig = ht.DPOTrainer._precomputed_ref_logps
+
+    def timed_precompute(self):
+        t0 = time.perf_counter()
+        out = orig(self)
+        extra["precompute_s"] = time.perf_counter() - t0
+        return out
+
+    ht.DPOTrainer._precomputed_ref_logps = timed_precompute
+    save_dir = tempfile.mkdtemp(prefix="hhdpo-bench-")
+    cfg = load_config(REPO / "configs/smollm2_cpu.yaml", hhdpo_overrides(a, precision, precompute, save_dir))
+    t0 = time.perf_counter()
+    trainer = ht.DPOTrainer(cfg)
+    init_s = time.perf_counter() - t0
+    if len(trainer.examples) != a.pairs:
+        raise SystemExit(f"expected {a.pairs} pairs, hhdpo parsed {len(trainer.examples)}")
+    rss_init = peak_rss_gb()
+    batches = micro_batches(a)
+    ends, tokens, logps_c = [], [], []
+    prof = None
+    for s in range(a.steps):
+        if a.profile and s == a.warmup:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            prof.__enter__()
+        stats, _ = trainer.train_step([batches[s % len(batches)]])
+        ends.append(time.perf_counter())
+        tokens.append(int(stats["tokens"]))
+        logps_c.append(stats["logps/chosen"] / stats["n"])
+        if prof is not None and s == a.warmup + a.profile - 1:
+            prof.__exit__(None, None, None)
+            extra["profile"] = profile_table(prof)
+            break
+    secs, tok = window(ends, tokens, a.warmup)
+    dist.destroy_process_group()
+    return {"init_s": init_s, "steps": len(ends), "tokens_per_step": tokens, "timed_s": secs, "timed_tokens": tok,
+            "timed_pairs": a.batch_size * (len(ends) - a.warmup), "peak_rss_gb": peak_rss_gb(), "peak_rss_init_gb": rss_init,
+            "logps_chosen_mean": logps_c, **extra}
+
+
+def child_trl(a, precision: str, precompute: bool) -> dict:
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)  # a single plain process: no accelerate/torch.distributed launch
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from hhdpo.config import load_config
+    from hhdpo.data import load_pairs, tokenize_pair, tokenize_pairs
+    from hhdpo.models import load_tokenizer, resolve_model
+
+    cfg = load_config(REPO / "configs/smollm2_cpu.yaml", hhdpo_overrides(a, precision, precompute, "/nonexistent"))
+    ds_cfg = cfg.dataset
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.policy_model)
+    pairs, _ = load_pairs(ds_cfg.dataset_name, ds_cfg.subset, ds_cfg.data_dirs, log=None)
+    if len(pairs) != a.pairs:
+        raise SystemExit(f"expected {a.pairs} pairs, parsed {len(pairs)}")
+    train_ds = Dataset.from_list(tokenize_pairs(pairs, tok, ds_cfg))
+    extra = {}
+
+    class BenchDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already hhdpo's token ids (same template, same truncation)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            t = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            extra["precompute_s"] = time.perf_counter() - t
+            return out
+
+    ends: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    args = DPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
+        max_steps=a.steps, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP_LR,
+        max_grad_norm=MAX_GRAD_NORM, beta=BETA, loss_type=["sigmoid"], max_length=a.max_len,
+        gradient_checkpointing=False, precompute_ref_log_probs=precompute,
+        bf16=precision == "bf16", fp16=False, use_cpu=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, train_sampling_strategy="sequential",
+        logging_strategy="no", eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+        seed=42,
+    )
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.policy_model), dtype=torch.float32)
+    trainer = BenchDPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[StepTimer()])
+    tokens: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    init_s = time.perf_counter() - t0
+    rss_init = peak_rss_gb()
+    if a.profile:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+        class Prof(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == a.warmup:
+                    prof.__enter__()
+                elif state.global_step == a.warmup + a.profile:
+                    prof.__exit__(None, None, None)
+                    extra["profile"] = profile_table(prof)
+                    control.should_training_stop = True
+
+        trainer.add_callback(Prof())
+    trainer.train()
+    rss = peak_rss_gb()
+    n = len(ends)
+    tokens = tokens[:n]  # accelerate's loader collates one batch ahead
+    secs, tok_count = window(ends, tokens, a.warmup)
+    logps_c = [float(x) for x in trainer._metrics["train"].get("logps/chosen", [])]
+
+    # how TRL's own conversational tokenization (same chat template) compares with hhdpo's, untruncated
+    conv = Dataset.from_list([{"prompt": p.prompt_messages, "chosen": p.chosen_messages, "rejected": p.rejected_messages}
+                              for p in pairs])
+    mine = DPOTrainer._prepare_dataset(trainer, conv, tok, args, "check")
+    same_prompt = same_all = 0
+    example_diff = None
+    for p, t in zip(pairs, mine):
+        h = tokenize_pair(p, tok, 10**6, 10**6 - 1, True)
+        same_prompt += h["prompt_ids"] == t["prompt_ids"]
+        ok = all(h[k] == t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        same_all += ok
+        if not ok and example_diff is None:
+            example_diff = {"hhdpo_chosen_tail": tok.decode(h["chosen_ids"][-3:]), "trl_chosen_tail": tok.decode(t["chosen_ids"][-3:])}
+    return {"init_s": init_s, "steps": n, "tokens_per_step": tokens, "timed_s": secs, "timed_tokens": tok_count,
+            "timed_pairs": a.batch_size * (n - a.warmup), "peak_rss_gb": rss, "peak_rss_init_gb": rss_init,
+            "logps_chosen_mean": logps_c, "optim": args.optim,
+            "trl_own_tokenization": {"pairs": len(pairs), "same_prompt": same_prompt, "same_all": same_all,
+                                     "first_diff": example_diff},
+            **extra}
+
+
+def child_matmul(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    out = {}
+    n = 2048
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(n, n, dtype=dtype)
+        y = torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            torch.mm(x, y)
+        best = float("inf")
+        for _ in range(a.matmul_reps):
+            t0 = time.perf_counter()
+            torch.mm(x, y)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n**3 / best
+    return out
+
+
+# ---------------------------------------------------------------------------- parent
+
+
+def count_params(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total  # a tied lm_head is not stored, so it is counted once
+
+
+def raw_rows_for(data: str, pairs: int) -> int:
+    """How many raw records hold the first `pairs` pairs hhdpo parses (some records are skipped)."""
+    from hhdpo.data import load_raw, split_pair
+
+    got = 0
+    for i, (_, rec) in enumerate(load_raw(data, "test")):
+        if not isinstance(split_pair(rec["chosen"], rec["rejected"]), str):
+            got += 1
+            if got == pairs:
+                return i + 1
+    raise SystemExit(f"{data}: only {got} usable pairs, --pairs {pairs} requested")
+
+
+def run_child(a, name: str, cache_root: Path, model_dir: str) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(a.threads)
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TQDM_DISABLE="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error")
+    # cold per-run hhdpo cache (so precompute_ref_log_probs computes), sharing only the converted model
+    cache = cache_root / name
+    (cache / "models").mkdir(parents=True, exist_ok=True)
+    (cache / "models" / "smollm2").symlink_to(model_dir)
+    env["HHDPO_CACHE"] = str(cache)
+    env["HF_DATASETS_CACHE"] = str(cache / "datasets")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name] + a.child_argv
+    la0 = loadavg()
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=a.timeout)
+    wall = time.perf_counter() - t0
+    if a.verbose:
+        sys.stderr.write(p.stderr)
+    res = None
+    for line in p.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+    if p.returncode != 0 or res is None:
+        tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-40:])
+        raise SystemExit(f"{name}: child failed (exit {p.returncode}):\n{tail}")
+    res.update(name=name, wall_s=wall, loadavg_before=la0, loadavg_after=loadavg())
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_data = os.environ.get("HH_DATA") or str(REPO.parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=default_data, help="HH jsonl(.gz) (default: $HH_DATA or <repo>/../shared/...)")
+    ap.add_argument("--pairs", type=int, default=48, help="first N pairs hhdpo parses from --data")
+    ap.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (both trainers)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per config, warm-up included "
+                                                            "(default: pairs / batch-size; cycles over the pairs)")
+    ap.add_argument("--warmup", type=int, default=2, help="leading steps excluded from the timing")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--max-prompt-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch/OMP threads in every child")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--matmul-reps", type=int, default=10)
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="instead of timing, profile K steps after warm-up with torch.profiler and print op tables")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per child")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--verbose", action="store_true", help="show the children's stderr")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-rows", dest="raw_rows", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.steps = a.steps or a.pairs // a.batch_size
+    if a.pairs < a.batch_size or a.steps <= a.warmup:
+        ap.error("need --pairs >= --batch-size and --steps > --warmup")
+
+    if a.child:
+        if a.child == "matmul":
+            res = child_matmul(a)
+        else:
+            fw, precision, precompute = CONFIGS[a.child]
+            res = (child_hhdpo if fw == "hhdpo" else child_trl)(a, precision, precompute)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    names = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad:
+        ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
+    sys.path.insert(0, str(REPO))
+    from hhdpo.models import resolve_model
+
+    model_dir = resolve_model("smollm2")
+    n_params = count_params(model_dir)
+    a.raw_rows = raw_rows_for(a.data, a.pairs)
+    a.child_argv = ["--data", a.data, "--pairs", str(a.pairs), "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+                    "--warmup", str(a.warmup), "--max-len", str(a.max_len), "--max-prompt-len", str(a.max_prompt_len),
+                    "--threads", str(a.threads), "--matmul-reps", str(a.matmul_reps), "--profile", str(a.profile),
+                    "--raw-rows", str(a.raw_rows)]
+    print(f"# DPO train throughput: SmolLM2-135M ({n_params / 1e6:.1f}M params), first {a.pairs} HH pairs of {a.data} "
+          f"({a.raw_rows} records), batch {a.batch_size} pairs, max_len {a.max_len}/prompt {a.max_prompt_len}, "
+          f"{a.steps} steps ({a.warmup} warm-up), {a.threads} threads, {os.cpu_count()} cores", flush=True)
+    print(f"# load average at start: {' '.join(f'{x:.2f}' for x in loadavg())}", flush=True)
+
+    cache_root = Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    results = {"meta": {"pairs": a.pairs, "raw_rows": a.raw_rows, "batch_size": a.batch_size, "steps": a.steps,
+                        "warmup": a.warmup, "max_len": a.max_len, "max_prompt_len": a.max_prompt_len,
+                        "threads": a.threads, "n_params": n_params, "data": a.data, "loadavg_start": loadavg()},
+               "runs": {}}
+    try:
+        if not a.profile:
+            peak = _run_matmul(a)
+            results["matmul_flops"] = peak
+            print(f"# matmul 2048^3 ({a.threads} threads): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
+                  f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+        for name in names:
+            r = run_child(a, name, cache_root, model_dir)
+            results["runs"][name] = r
+            if a.profile:
+                print(f"\n## {name}: torch.profiler, {a.profile} steps after {a.warmup} warm-up, by self CPU time\n")
+                print(r.get("profile", "(no profile)"), flush=True)
+                continue
+            _derive(r, CONFIGS[name], n_params, a.batch_size, results["matmul_flops"])
+            pre = f", precompute {r['precompute_s']:.1f} s" if "precompute_s" in r else ""
+            print(f"# {name}: {r['tok_s']:.0f} tokens/s, {r['timed_s']:.1f} s for {r['timed_tokens']} tokens, "
+                  f"init {r['init_s']:.1f} s{pre}, peak RSS {r['peak_rss_gb']:.2f} GB, "
+                  f"load {r['loadavg_before'][0]:.2f}->{r['loadavg_after'][0]:.2f}", flush=True)
+    finally:
+        import shutil
+
+        shutil.rmtree(cache_root, ignore_errors=True)
+    results["meta"]["loadavg_end"] = loadavg()
+    if not a.profile:
+        report(results, names)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {a.out}")
+    return 0
+
+
+def _run_matmul(a) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "matmul"] + a.child_argv
+    p = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    for line in p.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise SystemExit(f"matmul child failed:\n{p.stderr[-3000:]}")
+
+
+def _derive(r: dict, spec: tuple, n_params: int, batch_size: int, peak: dict) -> None:
+    fw, precision, precompute = spec
+    r["framework"], r["precision"], r["precompute"] = fw, precision, precompute
+    r["tok_s"] = r["timed_tokens"] / r["timed_s"]
+    r["pairs_s"] = r["timed_pairs"] / r["timed_s"]
+    per_token = (6 if precompute else 8) * n_params
+    r["model_flops_s"] = per_token * r["tok_s"]
+    r["peak_fraction"] = r["model_flops_s"] / peak[precision]
+
+
+def report(results: dict, names: list[str]) -> None:
+    runs = results["runs"]
+    print("\n| config | tokens/s | pairs/s | peak RSS GB | model FLOP/s | % of matmul peak | one-off precompute s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n in names:
+        r = runs[n]
+        pre = f"{r['precompute_s']:.1f}" if "precompute_s" in r else "-"
+        print(f"| {n} | {r['tok_s']:.0f} | {r['pairs_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['model_flops_s'] / 1e9:.1f} G | "
+              f"{100 * r['peak_fraction']:.1f}% ({r['precision']}) | {pre} |")
+    steps = {n: tuple(runs[n]["tokens_per_step"]) for n in names}
+    same = len(set(steps.values())) == 1
+    print(f"\nsame tokens in every step across configs: {'yes' if same else 'NO: ' + json.dumps({n: list(v) for n, v in steps.items()})}"
+          f" ({sum(next(iter(steps.values())))} tokens in {len(next(iter(steps.values())))} steps)")
+    first = {n: runs[n]["logps_chosen_mean"][0] for n in names if runs[n].get("logps_chosen_mean")}
+    if first:
+        print("step-1 mean policy log p(chosen): " + ", ".join(f"{n} {v:.3f}" for n, v in first.items()))
+    for n in names:
+        if "trl_own_tokenization" in runs[n]:
+            t = runs[n]["trl_own_tokenization"]
+            print(f"TRL's own conversational tokenization vs hhdpo's (untruncated): prompt identical in {t['same_prompt']}/{t['pairs']}, "
+                  f"prompt+chosen+rejected identical in {t['same_all']}/{t['pairs']}; e.g. chosen ends "
+                  f"{t['first_diff']['hhdpo_chosen_tail']!r} (hhdpo) vs {t['first_diff']['trl_chosen_tail']!r} (TRL)"
+                  if t["first_diff"] else "")
+            break
+
+    def ratio(x, y, label, target=None):
+        if x in runs and y in runs:
+            v = runs[x]["tok_s"] / runs[y]["tok_s"]
+            tgt = f" (target >= {target}x: {'met' if v >= target else 'NOT met'})" if target else ""
+            print(f"RATIO {x} / {y} = {v:.2f}x{tgt}  [{label}]")
+            results.setdefault("ratios", {})[f"{x}/{y}"] = v
+
+    print()
+    ratio("hhdpo-fp32", "trl-fp32", "equal precision", 1.5)
+    ratio("hhdpo-bf16", "trl-bf16", "equal precision", 1.5)
+    ratio("hhdpo-fp32-pre", "trl-fp32", "hhdpo precomputed vs TRL live", 2.0)
+    ratio("hhdpo-bf16-pre", "trl-bf16", "hhdpo precomputed vs TRL live", 2.0)
+    ratio("hhdpo-fp32-pre", "trl-fp32-pre", "both precomputed")
+    ratio("hhdpo-bf16-pre", "trl-bf16-pre", "both precomputed")
+    ratio("hhdpo-bf16", "hhdpo-fp32", "hhdpo bf16 vs fp32")
+    ratio("trl-bf16", "trl-fp32", "TRL bf16 vs fp32")
+    m = results["meta"]
+    print(f"load average: start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
+          f"end {' '.join(f'{x:.2f}' for x in m['loadavg_end'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
