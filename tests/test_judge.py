@@ -363,7 +363,7 @@ def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys)
     events = []
 
     class StandIn:
-        def __init__(self, model):
+        def __init__(self, model, log_file=None):
             self.fake = FakeOpenAIServer()
             self.fake.set_index(pairs)
             self.served_name = model
