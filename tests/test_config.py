@@ -68,3 +68,10 @@ def test_saved_config_roundtrips_and_has_no_secret(tmp_path, monkeypatch):
     again = load_config(path)
     assert again.dpo_training == cfg.dpo_training and again.tail_test == cfg.tail_test
     assert yaml.safe_load(config_yaml(cfg))["tail_test"]["lambda"] == 0.1
+
+
+def test_readme_config_reference_is_current():
+    from hhdpo.config import config_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert config_reference() in readme, "regenerate the README's config reference from hhdpo.config.config_reference()"
