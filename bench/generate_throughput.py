@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="transformers batch size (HH_test.batch_size)")
     ap.add_argument("--chunk-size", type=int, default=64, help="vLLM prompts per generate call (vllm.chunk_size)")
     ap.add_argument("--backends", default="vllm,transformers", help="comma-separated, run in this order")
+    ap.add_argument("--hf-threads", type=int, default=None,
+                    help="torch threads for transformers (default: torch's); 1 avoids OpenMP spin-wait "
+                         "collapse when other jobs share the cores")
     args = ap.parse_args(argv)
 
     from hhdpo.config import load_config
@@ -64,16 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(path)
     prompts = [render_prompt(p, tok, args.max_prompt_length) for p in load_prompts(cfg, log=None)]
     print(f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, max_new_tokens={args.max_new_tokens}, "
-          f"{'greedy' if args.greedy else 'temperature=0.7 top_p=0.9'}, model={args.model}, cores={os.cpu_count()}", flush=True)
+          f"{'greedy' if args.greedy else 'temperature=0.7 top_p=0.9'}, model={args.model}, cores={os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
     for backend in args.backends.split(","):
         chunk = args.chunk_size if backend == "vllm" else args.batch_size
+        if backend == "transformers" and args.hf_threads:
+            import torch
+
+            torch.set_num_threads(args.hf_threads)
         r = results[backend] = run(backend, cfg, path, tok, prompts, chunk)
         print(f"RESULT {backend:<12} load {r['load_s']:6.1f} s  {r['tokens']:6d} new tokens in {r['secs']:7.1f} s  "
               f"= {r['tok_s']:7.1f} new tokens/s", flush=True)
     if {"vllm", "transformers"} <= results.keys():
         ratio = results["vllm"]["tok_s"] / results["transformers"]["tok_s"]
-        print(f"RESULT vllm / transformers = {ratio:.2f}x (target >= 3x)")
+        print(f"RESULT vllm / transformers = {ratio:.2f}x (target >= 3x); load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

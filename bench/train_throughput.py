@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,10 +199,15 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
             return out
 
     ends: list[float] = []
+    logps_c: list[float] = []
+    holder = {}
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            m = holder["trainer"]._metrics["train"].get("logps/chosen")  # cleared by the final log(): read per step
+            if m:
+                logps_c.append(float(m[-1]))
 
     out_dir = tempfile.mkdtemp(prefix="trl-bench-")
     args = DPOConfig(
@@ -216,6 +222,7 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
     )
     model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.policy_model), dtype=torch.float32)
     trainer = BenchDPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[StepTimer()])
+    holder["trainer"] = trainer
     tokens: list[int] = []
     collate = trainer.data_collator
 
@@ -245,26 +252,30 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
     n = len(ends)
     tokens = tokens[:n]  # accelerate's loader collates one batch ahead
     secs, tok_count = window(ends, tokens, a.warmup)
-    logps_c = [float(x) for x in trainer._metrics["train"].get("logps/chosen", [])]
 
-    # how TRL's own conversational tokenization (same chat template) compares with hhdpo's, untruncated
+    # how TRL's own conversational tokenization (same chat template) compares with hhdpo's, untruncated,
+    # and what TRL's max_length cut (no max_prompt_length in TRL 1.16) would do to these pairs
     conv = Dataset.from_list([{"prompt": p.prompt_messages, "chosen": p.chosen_messages, "rejected": p.rejected_messages}
                               for p in pairs])
-    mine = DPOTrainer._prepare_dataset(trainer, conv, tok, args, "check")
-    same_prompt = same_all = 0
+    no_cut = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    mine = DPOTrainer._prepare_dataset(trainer, conv, tok, no_cut, "check")
+    same_prompt = same_all = over = prompt_over = 0
     example_diff = None
-    for p, t in zip(pairs, mine):
+    for p, t in zip(pairs, mine, strict=True):
         h = tokenize_pair(p, tok, 10**6, 10**6 - 1, True)
         same_prompt += h["prompt_ids"] == t["prompt_ids"]
         ok = all(h[k] == t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
         same_all += ok
         if not ok and example_diff is None:
             example_diff = {"hhdpo_chosen_tail": tok.decode(h["chosen_ids"][-3:]), "trl_chosen_tail": tok.decode(t["chosen_ids"][-3:])}
+        longest = len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"]))
+        over += longest > a.max_len
+        prompt_over += len(t["prompt_ids"]) >= a.max_len
     return {"init_s": init_s, "steps": n, "tokens_per_step": tokens, "timed_s": secs, "timed_tokens": tok_count,
             "timed_pairs": a.batch_size * (n - a.warmup), "peak_rss_gb": rss, "peak_rss_init_gb": rss_init,
             "logps_chosen_mean": logps_c, "optim": args.optim,
             "trl_own_tokenization": {"pairs": len(pairs), "same_prompt": same_prompt, "same_all": same_all,
-                                     "first_diff": example_diff},
+                                     "first_diff": example_diff, "over_max_len": over, "prompt_over_max_len": prompt_over},
             **extra}
 
 
@@ -482,6 +493,9 @@ def report(results: dict, names: list[str]) -> None:
                   f"prompt+chosen+rejected identical in {t['same_all']}/{t['pairs']}; e.g. chosen ends "
                   f"{t['first_diff']['hhdpo_chosen_tail']!r} (hhdpo) vs {t['first_diff']['trl_chosen_tail']!r} (TRL)"
                   if t["first_diff"] else "")
+            print(f"pairs longer than max_len {results['meta']['max_len']}: {t['over_max_len']}/{t['pairs']} (TRL's keep_start would cut "
+                  f"their responses, and drop the {t['prompt_over_max_len']} whose prompt alone is >= max_len; hhdpo drops "
+                  f"the oldest prompt tokens instead, keeping >= max_prompt_len of them)")
             break
 
     def ratio(x, y, label, target=None):

@@ -30,11 +30,8 @@ import numpy as np
 
 from hhdpo.data import Pair, load_pairs, prompt_ids, truncate
 from hhdpo.io import DataError, append_jsonl, repair_jsonl
-from hhdpo.models import ModelError, load_model, load_tokenizer, resolve_model
+from hhdpo.models import ALIASES, ModelError, load_model, load_tokenizer, resolve_model
 
-# Record fields that must match for a rerun to append to an existing output file.
-SETTINGS_KEYS = ("model_path", "dataset", "split", "max_prompt_length", "max_new_tokens",
-                 "do_sample", "temperature", "top_p", "seed", "use_chat_template")
 MODEL_IDS = {"policy": "policy_model", "base": "base_model"}
 
 
@@ -102,6 +99,10 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
     outs = {"policy": Path(hh.HH_test_policy_out), "base": Path(hh.HH_test_base_out)}
     targets = []
     for name, spec in models.items():
+        # resolve_model would take a missing "runs/x" for a Hub id; a trained policy is always local
+        if name == "policy" and spec not in ALIASES and not Path(spec).expanduser().exists():
+            raise GenerateError(f"policy model: dpo_training.save_dir={spec!r}: no such directory "
+                                "(train first, or choose other models with --models)")
         try:
             path = resolve_model(spec)
         except ModelError as e:
@@ -112,6 +113,7 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
 
 
 def _settings(cfg, model_path: str) -> dict:
+    """Record fields that must match for a rerun to append to an existing output file."""
     hh = cfg.HH_test
     return {
         "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
@@ -241,9 +243,9 @@ class HFEngine:
         dtype = getattr(torch, _dtype_name(cfg, on_cpu))
         self.device = "cpu" if on_cpu else "cuda"
         self.model = load_model(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, device=self.device).eval()
-        eos = self.model.generation_config.eos_token_id
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos = set(eos if isinstance(eos, list) else [eos])
+        eos = self.model.generation_config.eos_token_id  # like vLLM: generation config + tokenizer EOS
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {e for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.hh = cfg.HH_test
 

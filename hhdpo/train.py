@@ -47,6 +47,11 @@ class Preempted(Exception):
     pass
 
 
+def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp)
+
+
 def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
     """Device, process-group backend and compute dtype, decided at run time."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -337,7 +342,7 @@ class DPOTrainer:
         dist.all_reduce(sums)
         local = torch.cat(margins)
         gathered = torch.zeros(self.world * local.numel(), device=self.device, dtype=local.dtype)
-        dist.all_gather_into_tensor(gathered, local)
+        _all_gather(gathered, local)
         s = sums.tolist()
         stats = {"loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2], "rewards/accuracies": s[3],
                  "logps/chosen": s[4], "logps/rejected": s[5], "n": s[6], "tokens": s[7],

@@ -150,6 +150,8 @@ def test_cli_errors_name_the_missing_model_and_data(tmp_path, hh_data, tiny_mode
     args = [f"HH_test.hh_test={hh_data}", f"dpo_training.save_dir={missing}", f"ref_model={tiny_model}"]
     assert cli(["--models", "policy", *args]) != 0
     assert str(missing) in capsys.readouterr().err
+    assert cli(["--models", "policy", "dpo_training.save_dir=runs/no_such_run", f"HH_test.hh_test={hh_data}"]) != 0
+    assert "runs/no_such_run" in capsys.readouterr().err
     nodata = tmp_path / "nope.jsonl.gz"
     assert cli(["--models", "base", f"HH_test.hh_test={nodata}", f"ref_model={tiny_model}"]) != 0
     assert str(nodata) in capsys.readouterr().err
@@ -175,13 +177,17 @@ def test_vllm_cpu_smollm2_matches_transformers_greedy(tmp_path, hh_data, tok):
     assert [r["idx"] for r in recs] == list(range(8))
     assert all(r["response"].strip() and r["backend"] == "vllm" and 0 < r["new_tokens"] <= 32 for r in recs)
 
-    cfg = make_cfg(tmp_path / "hf", hh_data, "smollm2", "HH_test.num_sample=1", "HH_test.max_new_tokens=10",
-                   "HH_test.max_prompt_length=256")
-    hf = read_jsonl(generate(cfg, {"base": "smollm2"}, backend="transformers", log=None)["base"])[0]
-    assert hf["prompt"] == recs[0]["prompt"] and hf["prompt_tokens"] == recs[0]["prompt_tokens"]
-    if hf["finish_reason"] == "stop":
-        assert recs[0]["response"] == hf["response"]
-    else:  # compare tokens, less the last one of the 10 (it may merge differently when re-tokenized)
-        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        k = len(ids(hf["response"])) - 1
-        assert k >= 5 and ids(recs[0]["response"])[:k] == ids(hf["response"])[:k]
+    # transformers greedy on the same token ids; two prompts of different length in one
+    # left-padded batch, so padding is checked against vLLM too
+    cfg = make_cfg(tmp_path / "hf", hh_data, "smollm2", "HH_test.num_sample=2", "HH_test.max_new_tokens=10",
+                   "HH_test.max_prompt_length=256", "HH_test.batch_size=2")
+    hfs = read_jsonl(generate(cfg, {"base": "smollm2"}, backend="transformers", log=None)["base"])
+    assert recs[0]["prompt_tokens"] != recs[1]["prompt_tokens"]
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for hf, vl in zip(hfs, recs):
+        assert hf["prompt"] == vl["prompt"] and hf["prompt_tokens"] == vl["prompt_tokens"]
+        if hf["finish_reason"] == "stop":
+            assert vl["response"] == hf["response"]
+        else:  # first tokens, less the 10th (it may merge differently when re-tokenized)
+            k = len(ids(hf["response"])) - 1
+            assert k >= 5 and ids(vl["response"])[:k] == ids(hf["response"])[:k], (vl["response"], hf["response"])
