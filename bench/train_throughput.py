@@ -74,6 +74,33 @@ def loadavg() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall s, CPU s busy on the whole machine incl. steal, CPU s used by this process)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
+
+
+def others_cores(s0: tuple, s1: tuple) -> float:
+    """Average number of cores busy with anything but this process between two snapshots."""
+    return max(0.0, ((s1[1] - s0[1]) - (s1[2] - s0[2])) / max(s1[0] - s0[0], 1e-9))
+
+
+def wait_for_idle(max_cores: float, max_wait: float) -> dict:
+    """Wait (up to max_wait s) until the rest of the machine uses < max_cores cores over a 3 s sample."""
+    t0 = time.perf_counter()
+    while True:
+        s0 = cpu_snapshot()
+        time.sleep(3)
+        busy = others_cores(s0, cpu_snapshot())
+        waited = time.perf_counter() - t0
+        if busy < max_cores or waited >= max_wait:
+            return {"waited_s": waited, "others_cores_at_start": busy, "idle": busy < max_cores}
+        time.sleep(5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,12 +172,15 @@ def child_hhdpo(a, precision: str, precompute: bool) -> dict:
     batches = micro_batches(a)
     ends, tokens, logps_c = [], [], []
     prof = None
+    snap = {}
     for s in range(a.steps):
         if a.profile and s == a.warmup:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
         stats, _ = trainer.train_step([batches[s % len(batches)]])
         ends.append(time.perf_counter())
+        if s == a.warmup - 1:
+            snap["start"] = cpu_snapshot()
         tokens.append(int(stats["tokens"]))
         logps_c.append(stats["logps/chosen"] / stats["n"])
         if prof is not None and s == a.warmup + a.profile - 1:
@@ -158,6 +188,7 @@ def child_hhdpo(a, precision: str, precompute: bool) -> dict:
             extra["profile"] = profile_table(prof)
             break
     secs, tok = window(ends, tokens, a.warmup)
+    extra["others_cores"] = others_cores(snap["start"], cpu_snapshot())
     dist.destroy_process_group()
     return {"init_s": init_s, "steps": len(ends), "tokens_per_step": tokens, "timed_s": secs, "timed_tokens": tok,
             "timed_pairs": a.batch_size * (len(ends) - a.warmup), "peak_rss_gb": peak_rss_gb(), "peak_rss_init_gb": rss_init,
@@ -205,6 +236,8 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            if state.global_step == a.warmup:
+                holder["snap"] = cpu_snapshot()
             m = holder["trainer"]._metrics["train"].get("logps/chosen")  # cleared by the final log(): read per step
             if m:
                 logps_c.append(float(m[-1]))
@@ -248,6 +281,7 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
 
         trainer.add_callback(Prof())
     trainer.train()
+    extra["others_cores"] = others_cores(holder["snap"], cpu_snapshot())
     rss = peak_rss_gb()
     n = len(ends)
     tokens = tokens[:n]  # accelerate's loader collates one batch ahead
@@ -284,6 +318,7 @@ def child_matmul(a) -> dict:
 
     torch.set_num_threads(a.threads)
     out = {}
+    s0 = cpu_snapshot()
     n = 2048
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         x = torch.randn(n, n, dtype=dtype)
@@ -296,6 +331,7 @@ def child_matmul(a) -> dict:
             torch.mm(x, y)
             best = min(best, time.perf_counter() - t0)
         out[name] = 2 * n**3 / best
+    out["others_cores"] = others_cores(s0, cpu_snapshot())
     return out
 
 
@@ -343,6 +379,7 @@ def run_child(a, name: str, cache_root: Path, model_dir: str) -> dict:
     env["HF_DATASETS_CACHE"] = str(cache / "datasets")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name] + a.child_argv
+    idle = wait_for_idle(a.max_busy, a.wait_idle)
     la0 = loadavg()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=a.timeout)
@@ -356,7 +393,7 @@ def run_child(a, name: str, cache_root: Path, model_dir: str) -> dict:
     if p.returncode != 0 or res is None:
         tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-40:])
         raise SystemExit(f"{name}: child failed (exit {p.returncode}):\n{tail}")
-    res.update(name=name, wall_s=wall, loadavg_before=la0, loadavg_after=loadavg())
+    res.update(name=name, wall_s=wall, loadavg_before=la0, loadavg_after=loadavg(), **idle)
     return res
 
 
@@ -377,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="instead of timing, profile K steps after warm-up with torch.profiler and print op tables")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per child")
+    ap.add_argument("--max-busy", type=float, default=0.3, metavar="CORES",
+                    help="before each run, wait until other processes use fewer cores than this (default 0.3)")
+    ap.add_argument("--wait-idle", type=float, default=300, metavar="S",
+                    help="give up waiting for an idle machine after S seconds and run anyway (default 300)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--verbose", action="store_true", help="show the children's stderr")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -423,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.profile:
             peak = _run_matmul(a)
             results["matmul_flops"] = peak
-            print(f"# matmul 2048^3 ({a.threads} threads): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-                  f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+            print(f"# matmul 2048^3 ({a.threads} threads, best of {a.matmul_reps}): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
+                  f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s (others' CPU {peak['others_cores']:.2f} cores)", flush=True)
         for name in names:
             r = run_child(a, name, cache_root, model_dir)
             results["runs"][name] = r
@@ -436,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             pre = f", precompute {r['precompute_s']:.1f} s" if "precompute_s" in r else ""
             print(f"# {name}: {r['tok_s']:.0f} tokens/s, {r['timed_s']:.1f} s for {r['timed_tokens']} tokens, "
                   f"init {r['init_s']:.1f} s{pre}, peak RSS {r['peak_rss_gb']:.2f} GB, "
-                  f"load {r['loadavg_before'][0]:.2f}->{r['loadavg_after'][0]:.2f}", flush=True)
+                  f"others' CPU while timed {r['others_cores']:.2f} cores (waited {r['waited_s']:.0f} s for idle), "
+                  f"loadavg {r['loadavg_before'][0]:.2f}->{r['loadavg_after'][0]:.2f}", flush=True)
     finally:
         import shutil
 
@@ -451,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_matmul(a) -> dict:
+    wait_for_idle(a.max_busy, a.wait_idle)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "matmul"] + a.child_argv
     p = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
@@ -472,13 +515,13 @@ def _derive(r: dict, spec: tuple, n_params: int, batch_size: int, peak: dict) ->
 
 def report(results: dict, names: list[str]) -> None:
     runs = results["runs"]
-    print("\n| config | tokens/s | pairs/s | peak RSS GB | model FLOP/s | % of matmul peak | one-off precompute s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| config | tokens/s | pairs/s | peak RSS GB | model FLOP/s | % of matmul peak | one-off precompute s | others' CPU (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in names:
         r = runs[n]
         pre = f"{r['precompute_s']:.1f}" if "precompute_s" in r else "-"
         print(f"| {n} | {r['tok_s']:.0f} | {r['pairs_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['model_flops_s'] / 1e9:.1f} G | "
-              f"{100 * r['peak_fraction']:.1f}% ({r['precision']}) | {pre} |")
+              f"{100 * r['peak_fraction']:.1f}% ({r['precision']}) | {pre} | {r['others_cores']:.2f} |")
     steps = {n: tuple(runs[n]["tokens_per_step"]) for n in names}
     same = len(set(steps.values())) == 1
     print(f"\nsame tokens in every step across configs: {'yes' if same else 'NO: ' + json.dumps({n: list(v) for n, v in steps.items()})}"
