@@ -5,7 +5,7 @@ Starts tests/fake_responses_server.py as a subprocess with a fixed latency per r
 ``hhdpo.judge`` at concurrency 1 and at concurrency C through the real ``openai``
 client, and prints requests/s for both and their ratio (target: >= 20x at C=32).
 
-    python bench/judge_throughput.py [--requests 64] [--latency 0.2] [--concurrency 32]
+    python bench/judge_throughput.py [--requests 128] [--latency 0.2] [--concurrency 32]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def measure(pairs: Path, out: Path, base_url: str, concurrency: int) -> tuple[fl
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=64, help="pairs to judge per run (default: 64)")
+    p.add_argument("--requests", type=int, default=128, help="pairs to judge per run (default: 128)")
     p.add_argument("--latency", type=float, default=0.2, help="fake server latency per request, s (default: 0.2)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent run's requests in flight (default: 32)")
     args = p.parse_args(argv)

@@ -29,8 +29,8 @@ as a fraction of the measured 2048^3 matmul rate (fp32 for fp32 runs, bf16 for b
 
 Not a test: run it on an otherwise idle machine (the load average is printed).
 
-    python bench/train_throughput.py                          # all 8 configs, ~12 steps each
-    python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --pairs 40 --out /tmp/tp.json
+    python bench/train_throughput.py --out /tmp/tp.json       # all 8 configs, 40 pairs = 10 steps each, ~15 min
+    python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --pairs 48 --steps 14
     python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --profile 3   # torch.profiler tables
 """
 
@@ -183,6 +183,7 @@ def child_hhdpo(a, precision: str, precompute: bool) -> dict:
             snap["start"] = cpu_snapshot()
         tokens.append(int(stats["tokens"]))
         logps_c.append(stats["logps/chosen"] / stats["n"])
+        extra["torch_threads"] = torch.get_num_threads()
         if prof is not None and s == a.warmup + a.profile - 1:
             prof.__exit__(None, None, None)
             extra["profile"] = profile_table(prof)
@@ -238,6 +239,7 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
             ends.append(time.perf_counter())
             if state.global_step == a.warmup:
                 holder["snap"] = cpu_snapshot()
+            extra["torch_threads"] = torch.get_num_threads()  # accelerate must not have changed it
             m = holder["trainer"]._metrics["train"].get("logps/chosen")  # cleared by the final log(): read per step
             if m:
                 logps_c.append(float(m[-1]))
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     default_data = os.environ.get("HH_DATA") or str(REPO.parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=default_data, help="HH jsonl(.gz) (default: $HH_DATA or <repo>/../shared/...)")
-    ap.add_argument("--pairs", type=int, default=48, help="first N pairs hhdpo parses from --data")
+    ap.add_argument("--pairs", type=int, default=40, help="first N pairs hhdpo parses from --data (default 40)")
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (both trainers)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per config, warm-up included "
                                                             "(default: pairs / batch-size; cycles over the pairs)")
@@ -475,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             _derive(r, CONFIGS[name], n_params, a.batch_size, results["matmul_flops"])
             pre = f", precompute {r['precompute_s']:.1f} s" if "precompute_s" in r else ""
-            print(f"# {name}: {r['tok_s']:.0f} tokens/s, {r['timed_s']:.1f} s for {r['timed_tokens']} tokens, "
+            print(f"# {name}: {r['tok_s']:.0f} tokens/s, {r['timed_s']:.1f} s for {r['timed_tokens']} tokens "
+                  f"({r['torch_threads']} torch threads), "
                   f"init {r['init_s']:.1f} s{pre}, peak RSS {r['peak_rss_gb']:.2f} GB, "
                   f"others' CPU while timed {r['others_cores']:.2f} cores (waited {r['waited_s']:.0f} s for idle), "
                   f"loadavg {r['loadavg_before'][0]:.2f}->{r['loadavg_after'][0]:.2f}", flush=True)
