@@ -27,7 +27,11 @@ Model FLOPs = 6*N*tokens (policy fwd+bwd) + 2*N*tokens (live reference forward),
 parameters (the tied embedding counted once, as the LM head), attention FLOPs ignored; shown
 as a fraction of the measured 2048^3 matmul rate (fp32 for fp32 runs, bf16 for bf16 runs).
 
-Not a test: run it on an otherwise idle machine (the load average is printed).
+Not a test. With 2 OpenMP threads on 2 cores, any other busy process stalls every parallel op
+(a 130k-element mul: 29 us alone, ~7 ms with one competing process), so before each run the
+script waits (--wait-idle, default up to 300 s) until other processes use < --max-busy cores,
+and reports the cores other processes used during each timed window ("others' CPU") next to
+the load average; numbers with others' CPU above ~0.1 cores are not comparable.
 
     python bench/train_throughput.py --out /tmp/tp.json       # all 8 configs, 40 pairs = 10 steps each, ~15 min
     python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --pairs 48 --steps 14
@@ -60,7 +64,7 @@ CONFIGS = {  # name: (framework, precision, precompute)
     "trl-bf16-pre": ("trl", "bf16", True),
 }
 RESULT_TAG = "BENCH_RESULT "
-LR, BETA, WARMUP_LR, MAX_GRAD_NORM = 5e-6, 0.1, 5, 10.0  # configs/smollm2_cpu.yaml's values, given to both
+LR, BETA, WARMUP_LR, MAX_GRAD_NORM = 5e-6, 0.1, 5, 10.0  # given to both trainers (lr/beta/clip as in smollm2_cpu.yaml)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -161,7 +165,7 @@ def child_hhdpo(a, precision: str, precompute: bool) -> dict:
         return out
 
     ht.DPOTrainer._precomputed_ref_logps = timed_precompute
-    save_dir = tempfile.mkdtemp(prefix="hhdpo-bench-")
+    save_dir = tempfile.mkdtemp(prefix="hhdpo-bench-", dir=os.environ.get("HHDPO_CACHE"))  # removed by the parent
     cfg = load_config(REPO / "configs/smollm2_cpu.yaml", hhdpo_overrides(a, precision, precompute, save_dir))
     t0 = time.perf_counter()
     trainer = ht.DPOTrainer(cfg)
@@ -244,7 +248,7 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
             if m:
                 logps_c.append(float(m[-1]))
 
-    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    out_dir = tempfile.mkdtemp(prefix="trl-bench-", dir=os.environ.get("HHDPO_CACHE"))  # removed by the parent
     args = DPOConfig(
         output_dir=out_dir, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
         max_steps=a.steps, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP_LR,
@@ -475,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## {name}: torch.profiler, {a.profile} steps after {a.warmup} warm-up, by self CPU time\n")
                 print(r.get("profile", "(no profile)"), flush=True)
                 continue
-            _derive(r, CONFIGS[name], n_params, a.batch_size, results["matmul_flops"])
+            _derive(r, CONFIGS[name], n_params, results["matmul_flops"])
             pre = f", precompute {r['precompute_s']:.1f} s" if "precompute_s" in r else ""
             print(f"# {name}: {r['tok_s']:.0f} tokens/s, {r['timed_s']:.1f} s for {r['timed_tokens']} tokens "
                   f"({r['torch_threads']} torch threads), "
@@ -506,7 +510,7 @@ def _run_matmul(a) -> dict:
     raise SystemExit(f"matmul child failed:\n{p.stderr[-3000:]}")
 
 
-def _derive(r: dict, spec: tuple, n_params: int, batch_size: int, peak: dict) -> None:
+def _derive(r: dict, spec: tuple, n_params: int, peak: dict) -> None:
     fw, precision, precompute = spec
     r["framework"], r["precision"], r["precompute"] = fw, precision, precompute
     r["tok_s"] = r["timed_tokens"] / r["timed_s"]
