@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from hhdpo.config import Config, ConfigError, load_config, redact, save_config
-from hhdpo.io import DataError, atomic_write_text
+from hhdpo.io import DataError, atomic_write_json, atomic_write_text
 
 
 def evaluate(cfg: Config, models: list[str] | None = None, backend: str | None = None, log=print) -> dict:
@@ -51,8 +51,6 @@ def evaluate(cfg: Config, models: list[str] | None = None, backend: str | None =
 
     summary = summarize(judged_files, labels=names)
     table = markdown(summary)
-    from hhdpo.io import atomic_write_json
-
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "summary.md", table + "\n")
     plot_png(summary, out_dir / "summary.png")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -304,6 +305,7 @@ class DPOTrainer:
         allc = torch.cat([g[0] for g in gathered])[:n].cpu()
         allr = torch.cat([g[1] for g in gathered])[:n].cpu()
         del ref
+        gc.collect()  # FSDP wrappers hold reference cycles; free the model's memory now
         if self.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -558,10 +560,8 @@ class DPOTrainer:
 
 def run(cfg: Config) -> int:
     """Worker entry point (inside a process group)."""
-    trainer = None
     try:
-        trainer = DPOTrainer(cfg)
-        return trainer.train()
+        return DPOTrainer(cfg).train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -581,8 +581,7 @@ def cli(argv: list[str] | None = None) -> int:
         if not distributed or int(os.environ.get("RANK", 0)) == 0:
             preflight(cfg)
         if not distributed:
-            fwd = [a for a in (argv if argv is not None else sys.argv[1:])]
-            fwd = _strip_nproc(fwd)
+            fwd = _strip_nproc(list(argv if argv is not None else sys.argv[1:]))
             return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, save_dir_paths(cfg)["state"])
     except (ConfigError, DataError, ModelError) as e:
         print(f"hhdpo train: error: {e}", file=sys.stderr)
