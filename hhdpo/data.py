@@ -18,6 +18,7 @@ token. There is no second tokenizer pass over template text, so no doubled BOS.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections import Counter
@@ -237,27 +238,83 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, cfg_dataset, progress: bool = F
 # --------------------------------------------------------------------------- batching
 
 
+def _rows(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    # (tokens, labels) for rows [0, B) chosen then [B, 2B) rejected
+    return [(ex["prompt_ids"] + ex[key], [-100] * len(ex["prompt_ids"]) + ex[key])
+            for key in ("chosen_ids", "rejected_ids") for ex in examples]
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    import torch
+
+    width = max(len(s) for s, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (s, l) in enumerate(rows):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
 def collate(examples: list[dict], pad_id: int):
     """Concatenated batch: rows [0, B) chosen, [B, 2B) rejected; padded to the longest row.
 
     Returns input_ids, attention_mask and labels (-100 on prompt and padding), as tensors.
     """
+    return _pad(_rows(examples), pad_id)
+
+
+# One extra forward+backward of SmolLM2 on 2 CPU cores costs about as much as 64 more padded
+# tokens (measured: 0.2-0.3 s against ~250 tokens/s); of the same order for an 8B model on a GPU.
+FORWARD_COST_TOKENS = 64
+
+
+def length_partition(lengths: list[int], forward_cost: float = FORWARD_COST_TOKENS) -> list[list[int]]:
+    """Rows grouped into forwards so that padded tokens + ``forward_cost`` per forward is smallest.
+
+    Groups are contiguous runs of the rows sorted by length (an optimal partition has this
+    form), found by dynamic programming over the sorted lengths; O(n^2) for n rows.
+    Returns lists of row indices, shortest rows first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ls = [lengths[i] for i in order]
+    best = [0.0] + [math.inf] * len(ls)
+    cut = [0] * (len(ls) + 1)
+    for j in range(1, len(ls) + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * ls[j - 1] + forward_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(ls)
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def collate_groups(examples: list[dict], pad_id: int, groups: int = 0) -> list[dict]:
+    """The 2B rows of :func:`collate` split into forwards, each padded only to its own longest row.
+
+    A chosen response is often much shorter than its rejected one; padding both to the longer
+    wastes work. ``groups=0`` picks the split per micro-batch (:func:`length_partition`);
+    ``groups=k`` cuts the length-sorted rows into k equal parts; ``groups=1`` is one forward in
+    :func:`collate` order. Each group also has ``rows``: the row's index in ``collate`` order
+    (chosen i -> i, rejected i -> B + i).
+    """
     import torch
 
-    seqs, labels = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            seqs.append(ex["prompt_ids"] + ex[key])
-            labels.append([-100] * len(ex["prompt_ids"]) + ex[key])
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+    rows = _rows(examples)
+    if groups == 0:
+        parts = length_partition([len(s) for s, _ in rows])
+    elif groups == 1:
+        parts = [list(range(len(rows)))]
+    else:
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        size = -(-len(rows) // groups)
+        parts = [order[s:s + size] for s in range(0, len(rows), size)]
+    return [{**_pad([rows[i] for i in part], pad_id), "rows": torch.tensor(part, dtype=torch.long)} for part in parts]
 
 
 def rank_batches(n: int, batch_size: int, rank: int, world: int, epoch: int, seed: int) -> list[list[int]]:

@@ -8,6 +8,26 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, computed in fp32 (bf16 logits lose the small differences DPO needs).
+
+    Args:
+        logits: (..., V) next-token logits.
+        targets: (...) token ids.
+    Returns:
+        (...) float32 log-probabilities.
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is scored (labels[t + 1] != -100); the last position never is."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Sum (or mean) of the log-probabilities of the labelled tokens of each sequence.
 
@@ -18,16 +38,32 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     Returns:
         (B,) float32 log pi(y | x).
     """
-    logits = logits[:, :-1, :]
     labels = labels[:, 1:]
     mask = labels != -100
-    safe = labels.masked_fill(~mask, 0)
-    # log_softmax via gather - logsumexp, in fp32: bf16 logits lose the small differences DPO needs
-    logits = logits.float()
-    token_logps = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    total = (token_logps * mask).sum(-1)
+    total = (token_logps(logits[:, :-1, :], labels.masked_fill(~mask, 0)) * mask).sum(-1)
     if average:
         return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def packed_sequence_logps(logps: torch.Tensor, rows: torch.Tensor, n_rows: int, average: bool = False) -> torch.Tensor:
+    """Per-sequence sum (or mean) of token log-probs given as one flat vector.
+
+    The flat form is what the trainer gets when the LM head runs only at scored positions:
+    ``logps[k]`` belongs to sequence ``rows[k]``. Equal to :func:`sequence_logps` on the
+    padded (B, T, V) logits of the same tokens.
+
+    Args:
+        logps: (N,) token log-probs (:func:`token_logps`).
+        rows: (N,) long, the sequence each token belongs to, in [0, n_rows).
+        n_rows: number of sequences B.
+        average: mean over each sequence's scored tokens instead of the sum.
+    Returns:
+        (B,) float32.
+    """
+    total = logps.new_zeros(n_rows).index_add(0, rows, logps)
+    if average:
+        return total / torch.bincount(rows, minlength=n_rows).clamp(min=1).to(total.dtype)
     return total
 
 

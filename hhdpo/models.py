@@ -9,6 +9,7 @@ trainer and ``from_pretrained`` then all see an ordinary checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -117,3 +118,21 @@ def decoder_layer_classes(model, names: list[str] | None = None) -> tuple[type, 
             "set dpo_training.fsdp_layer_cls to the decoder-layer class name"
         )
     return tuple(found)
+
+
+@contextlib.contextmanager
+def lm_head_only_at(model, positions):
+    """Within this block, ``model``'s LM head projects only the hidden states at ``positions``.
+
+    ``positions`` is a (B, T) bool mask; the model's logits then come out as (N, V), one row per
+    True position in row-major order. DPO scores only response tokens, and the vocabulary
+    projection at every prompt and padding position is most of a small model's FLOPs. Hooking
+    the head (rather than calling the backbone and head separately) keeps the model's own
+    forward, so FSDP's root hooks and any logit post-processing (soft-capping, scaling) still run.
+    """
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][positions],) + tuple(args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from hhdpo.data import (ASSISTANT, collate, load_pairs, prompt_ids, rank_batches, seed_split, slice_split, split_pair,
+from hhdpo.data import (ASSISTANT, collate, collate_groups, length_partition, load_pairs, prompt_ids, rank_batches, seed_split, slice_split, split_pair,
                         tokenize_pair, train_val_split)
 from hhdpo.io import DataError
 
@@ -130,6 +130,51 @@ def test_collate_masks_prompt_and_padding():
     assert b["labels"][1].tolist() == [-100, 8, 9, 10, 11]
     assert b["attention_mask"][3].tolist() == [1, 1, 1, 0, 0]
     assert torch.equal(b["input_ids"][3], torch.tensor([7, 12, 13, 0, 0]))
+
+
+def _padded_cost(lengths, groups, f):
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups) + f * len(groups)
+
+
+def test_length_partition_is_optimal():
+    """Checked against every contiguous split of the sorted rows (all 2^(n-1) of them)."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        lengths = [rng.randint(1, 300) for _ in range(n)]
+        f = rng.choice([0, 16, 64, 500])
+        got = length_partition(lengths, f)
+        assert sorted(i for g in got for i in g) == list(range(n))
+        order = sorted(range(n), key=lambda i: lengths[i])
+        best = min(
+            _padded_cost(lengths, [order[a:b] for a, b in zip((0,) + cuts, cuts + (n,))], f)
+            for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        assert _padded_cost(lengths, got, f) == best
+    assert length_partition([10, 10, 10, 10], 64) == [[0, 1, 2, 3]]  # nothing to save: one forward
+    assert sorted(map(sorted, length_partition([20, 300, 25, 290], 64))) == [[0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("groups", [0, 1, 2, 3])
+def test_collate_groups_hold_every_row_once_with_its_own_padding(groups):
+    exs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": list(range(20, 40))},
+           {"prompt_ids": [7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13]},
+           {"prompt_ids": [1] * 30, "chosen_ids": [50] * 40, "rejected_ids": [51] * 38}]
+    full = collate(exs, pad_id=0)
+    parts = collate_groups(exs, pad_id=0, groups=groups)
+    assert sorted(int(r) for g in parts for r in g["rows"]) == list(range(6))
+    if groups == 1:
+        assert len(parts) == 1 and all(torch.equal(parts[0][k], full[k]) for k in ("input_ids", "labels", "attention_mask"))
+    for g in parts:
+        width = g["input_ids"].shape[1]
+        assert width == int(g["attention_mask"].sum(1).max())  # padded to its own longest row
+        for j, r in enumerate(g["rows"].tolist()):
+            assert torch.equal(g["input_ids"][j, :width], full["input_ids"][r, :width])
+            assert torch.equal(g["labels"][j], full["labels"][r, :width])
+    if groups == 0:
+        assert len(parts) == 2  # the 70- and 68-token rows of pair 3 apart from the rest
 
 
 def test_rank_batches_disjoint_and_deterministic():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hhdpo.loss import implicit_margins, preference_loss, sequence_logps
+from hhdpo.loss import implicit_margins, packed_sequence_logps, preference_loss, scored_positions, sequence_logps, token_logps
 
 # policy/reference log-probs of two pairs; h = (pc - pr) - (rc - rr) = [2.0, -1.0]
 PC, PR = torch.tensor([-10.0, -12.0]), torch.tensor([-14.0, -11.0])
@@ -56,10 +56,25 @@ def test_sequence_logps_by_hand():
     assert avg.tolist() == pytest.approx([want0.item() / 2, want1.item() / 4], rel=1e-6)
 
 
-def test_logits_to_keep_gives_same_logps(tiny_llama_dir):
-    """The trainer computes lm_head only from the first scored position; same result."""
+def test_packed_sequence_logps_equals_padded():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 9, -100], [-100, 1, 2, 6, 5, 0], [-100, -100, -100, -100, 7, -100]])
+    at = scored_positions(labels)
+    assert at.sum() == (labels != -100).sum() and not at[:, -1].any()
+    flat = token_logps(logits[at], labels[:, 1:][at[:, :-1]])
+    rows = torch.arange(3)[:, None].expand_as(at)[at]
+    for average in (False, True):
+        torch.testing.assert_close(packed_sequence_logps(flat, rows, 3, average), sequence_logps(logits, labels, average))
+
+
+def test_lm_head_only_at_scored_positions_gives_same_logps(tiny_llama_dir):
+    """The trainer projects to the vocabulary only where a response token is predicted; same log-probs and gradients."""
     from transformers import AutoModelForCausalLM
 
+    from hhdpo.models import lm_head_only_at
+
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ids = torch.randint(0, 1000, (2, 12))
     labels = ids.clone()
@@ -67,6 +82,13 @@ def test_logits_to_keep_gives_same_logps(tiny_llama_dir):
     labels[1, :5] = -100
     labels[1, 10:] = -100
     full = sequence_logps(model(input_ids=ids).logits, labels)
-    start = 4  # first scored position (5) - 1
-    part = sequence_logps(model(input_ids=ids, logits_to_keep=12 - start).logits, labels[:, start:])
+    g_full = torch.autograd.grad(full.sum(), model.model.layers[0].mlp.up_proj.weight)[0]
+    at = scored_positions(labels)
+    with lm_head_only_at(model, at):
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (int(at.sum()), model.config.vocab_size)
+    part = packed_sequence_logps(token_logps(logits, labels[:, 1:][at[:, :-1]]), torch.arange(2)[:, None].expand_as(at)[at], 2)
     torch.testing.assert_close(full, part, rtol=1e-5, atol=1e-5)
+    g_part = torch.autograd.grad(part.sum(), model.model.layers[0].mlp.up_proj.weight)[0]
+    torch.testing.assert_close(g_full, g_part, rtol=1e-4, atol=1e-6)
+    assert model(input_ids=ids).logits.shape == (2, 12, model.config.vocab_size)  # hook removed on exit
