@@ -4,8 +4,9 @@ Every configuration runs in a fresh subprocess (so peak RSS from getrusage is it
 the same thread count, on the first --pairs HH pairs of --data as hhdpo parses and tokenizes
 them, in the same micro-batches of --batch-size pairs, in the same order:
 
-  hhdpo-fp32 / hhdpo-bf16           live (FSDP2-sharded) reference model; bf16 = FSDP2
-                                    MixedPrecisionPolicy(param_dtype=bf16), fp32 master weights
+  hhdpo-fp32 / hhdpo-bf16           live reference model; one process, so the trainer runs the
+                                    models unwrapped (no FSDP2): bf16 = autocast over fp32 master
+                                    weights, the frozen reference cast to bf16
   hhdpo-fp32-pre / hhdpo-bf16-pre   dpo_training.precompute_ref_log_probs=true, cold cache
                                     (HHDPO_CACHE is a fresh temp dir); the one-off precompute is
                                     timed separately and excluded from tokens/s
@@ -26,6 +27,9 @@ the end of the last step (data collation, forward/backward, clipping, optimizer 
 Model FLOPs = 6*N*tokens (policy fwd+bwd) + 2*N*tokens (live reference forward), N = all
 parameters (the tied embedding counted once, as the LM head), attention FLOPs ignored; shown
 as a fraction of the measured 2048^3 matmul rate (fp32 for fp32 runs, bf16 for bf16 runs).
+This is the usual model-FLOPs convention: work a trainer skips (hhdpo's LM head at prompt and
+padding positions, padding between length groups) still counts, so it measures useful tokens
+per second against the machine, not the arithmetic actually executed.
 
 Not a test. With 2 OpenMP threads on 2 cores, any other busy process stalls every parallel op
 (a 130k-element mul: 29 us alone, ~7 ms with one competing process), so before each run the
