@@ -9,7 +9,9 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 CONFIG  ?= configs/smollm2_cpu.yaml
-NPROC   ?= 2
+# one process with 2 threads trains 1.5x faster than 2 FSDP ranks on a 2-core CPU (156 vs 105
+# tokens/s at the same 4 pairs per step); NPROC=2 runs the same job on 2 FSDP ranks
+NPROC   ?= 1
 ARGS    ?=
 # Local HH file(s) for offline runs; empty means the Hub dataset named in the config.
 HH_DATA ?= $(firstword $(wildcard ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz))
