@@ -174,6 +174,10 @@ def test_single_process_resume_and_length_groups(tmp_path, hh_file, tiny_llama_d
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
     assert [s for s, _ in _losses(part)] == list(range(1, 7))
     assert [l for _, l in _losses(part)] == pytest.approx(runs["auto"], rel=1e-5)
+    # the changed config is reported, and the one the first 3 steps ran with is kept
+    assert "changed config" in r.stdout and "dpo_training.max_steps: 3 -> 6" in r.stdout
+    assert yaml_load(part / "config.before_step_0000003.yaml")["dpo_training"]["max_steps"] == 3
+    assert yaml_load(part / "config.yaml")["dpo_training"]["max_steps"] == 6
 
 
 # ----------------------------------------------------------------------------- end to end
