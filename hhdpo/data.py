@@ -330,6 +330,19 @@ def rank_batches(n: int, batch_size: int, rank: int, world: int, epoch: int, see
     return [mine[i : i + batch_size].tolist() for i in range(0, per_rank, batch_size)]
 
 
+def resume_batch_index(pairs_seen: int, batch_size: int, world: int) -> tuple[int, int]:
+    """Micro-batch index at which :func:`rank_batches` continues after ``pairs_seen`` pairs of an epoch.
+
+    ``rank_batches`` deals one permutation out in rank-strided order, so k micro-batches of B
+    pairs on W ranks use exactly its first k*B*W entries, whatever W and B were; a run resumed
+    with another world size or batch size continues with the same next pairs. Returns the
+    index and how many already-seen pairs it repeats (when ``pairs_seen`` is not a whole
+    number of this run's global micro-batches).
+    """
+    per_batch = batch_size * world
+    return pairs_seen // per_batch, pairs_seen % per_batch
+
+
 # --------------------------------------------------------------------------- CLI
 
 

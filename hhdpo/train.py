@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from hhdpo.config import Config, ConfigError, config_reference, load_config, save_config
-from hhdpo.data import collate_groups, load_pairs, rank_batches, tokenize_pairs, train_val_split
+from hhdpo.data import collate_groups, load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
 from hhdpo.io import DataError, atomic_write_json
 from hhdpo.launch import EXIT_PREEMPTED, adopt_slurm_env, in_distributed_env, run_under_torchrun
 from hhdpo.loss import implicit_margins, packed_sequence_logps, preference_loss, scored_positions, token_logps
@@ -532,6 +532,7 @@ class DPOTrainer:
         dist.barrier()
         if self.is_main:
             trainer = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "beta": self.beta,
+                       "samples_in_epoch": self.batch_in_epoch * self.cfg.dpo_training.batch_size * self.world,
                        "tail": self.tail.state_dict(), "scheduler": self.sched.state_dict(), "window": self.window,
                        "world": self.world}
             torch.save(trainer, tmp / "trainer_state.pt")
@@ -554,7 +555,8 @@ class DPOTrainer:
         set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         tr = torch.load(path / "trainer_state.pt", weights_only=False)
         self.sched.load_state_dict(tr["scheduler"])
-        self.step, self.epoch, self.batch_in_epoch = tr["step"], tr["epoch"], tr["batch_in_epoch"]
+        self.step, self.epoch = tr["step"], tr["epoch"]
+        self.batch_in_epoch = self._resume_position(tr)
         self.beta, self.window = tr["beta"], tr["window"]
         self.tail.load_state_dict(tr["tail"])
         rng_file = path / f"rng_rank{self.rank}.pt"
@@ -567,6 +569,15 @@ class DPOTrainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.last_saved_step = self.step
         self._log(f"[ckpt] resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
+
+    def _resume_position(self, tr: dict) -> int:
+        """Micro-batch index in the epoch from the checkpoint's global position (any world or batch size)."""
+        seen = tr.get("samples_in_epoch", tr["batch_in_epoch"] * self.cfg.dpo_training.batch_size * tr["world"])
+        index, repeated = resume_batch_index(seen, self.cfg.dpo_training.batch_size, self.world)
+        if repeated:
+            self._log(f"[ckpt] warning: {seen} pairs of epoch {self.epoch} were used, not a whole number of this run's "
+                      f"micro-batches; {repeated} of them are seen again")
+        return index
 
     def export_hf(self) -> Path:
         """Gather the shards into a Hugging Face directory in save_dir (rank 0 writes)."""

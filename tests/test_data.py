@@ -1,11 +1,12 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from hhdpo.data import (ASSISTANT, collate, collate_groups, length_partition, load_pairs, prompt_ids, rank_batches, seed_split, slice_split, split_pair,
-                        tokenize_pair, train_val_split)
+from hhdpo.data import (ASSISTANT, collate, collate_groups, length_partition, load_pairs, prompt_ids, rank_batches,
+                        resume_batch_index, seed_split, slice_split, split_pair, tokenize_pair, train_val_split)
 from hhdpo.io import DataError
 
 
@@ -198,3 +199,21 @@ def test_data_cli_show(hh_file):
     assert r.returncode == 0, r.stderr
     assert "=== pair 1" in r.stdout and "trained tokens" in r.stdout
     assert "2308 parsed, 4 skipped" in r.stdout and "5 pairs whose prompt the seed" in r.stdout
+
+
+@pytest.mark.parametrize("before, after", [((1, 4), (2, 2)), ((2, 1), (1, 2)), ((4, 2), (2, 1)), ((1, 3), (2, 2))])
+def test_resume_continues_with_the_same_pairs_on_another_world_or_batch_size(before, after):
+    """After k micro-batches on (W, B), a run on (W', B') goes on exactly where the permutation left off."""
+    n, seed, epoch = 100, 3, 1
+    (w0, b0), (w1, b1) = before, after
+    k = 3
+    seen = [i for r in range(w0) for b in rank_batches(n, b0, r, w0, epoch, seed)[:k] for i in b]
+    index, repeated = resume_batch_index(len(seen), b1, w1)
+    assert repeated == len(seen) % (b1 * w1)
+    nxt = [i for r in range(w1) for i in rank_batches(n, b1, r, w1, epoch, seed)[index]]
+    perm = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    assert sorted(seen) == sorted(perm[:len(seen)])
+    start = index * b1 * w1
+    assert sorted(nxt) == sorted(perm[start:start + b1 * w1])
+    if not repeated:
+        assert not set(nxt) & set(seen)  # nothing seen twice, nothing skipped

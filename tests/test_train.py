@@ -180,6 +180,32 @@ def test_single_process_resume_and_length_groups(tmp_path, hh_file, tiny_llama_d
     assert yaml_load(part / "config.yaml")["dpo_training"]["max_steps"] == 6
 
 
+def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, hh_file, tiny_llama_dir):
+    """A checkpoint from one unwrapped process (2 pairs per step) resumed on 2 FSDP ranks (1 pair
+    each): same next pairs, same losses as the uninterrupted one-process run."""
+    common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", "dpo_training.lr_scheduler=constant",
+              "dpo_training.length_groups=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, full, **{"dpo_training.batch_size": 2}), *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, part, **{"dpo_training.batch_size": 2, "dpo_training.max_steps": 3}), *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, part), *common)
+    assert r.returncode == 0 and "resumed from" in r.stdout and "seen again" not in r.stdout, r.stderr[-3000:]
+    a = [m for m in read_jsonl(full / "metrics.jsonl") if "loss" in m]
+    b = [m for m in read_jsonl(part / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for key in ("logps/chosen", "logps/rejected"):
+        assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5), key
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], abs=1e-5)
+    assert [m["epoch"] for m in b] == pytest.approx([m["epoch"] for m in a])
+    # 12 of the 64 pairs used; go on with 2 ranks x 2 pairs: micro-batch 3 of 16, not 6 (the old per-rank count)
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2,
+                *base_overrides(hh_file, part, **{"dpo_training.batch_size": 2, "dpo_training.max_steps": 7}), *common)
+    assert r.returncode == 0 and "micro-batch 3)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [m["epoch"] for m in read_jsonl(part / "metrics.jsonl") if "loss" in m][-1] == pytest.approx((12 + 4) / 64)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
