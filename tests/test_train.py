@@ -182,7 +182,8 @@ def test_single_process_resume_and_length_groups(tmp_path, hh_file, tiny_llama_d
 
 def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, hh_file, tiny_llama_dir):
     """A checkpoint from one unwrapped process (2 pairs per step) resumed on 2 FSDP ranks (1 pair
-    each): same next pairs, same losses as the uninterrupted one-process run."""
+    each): same next pairs, same losses as the uninterrupted one-process run; then on other
+    batch sizes, FSDP shards back to one process, continuing where the data left off."""
     common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", "dpo_training.lr_scheduler=constant",
               "dpo_training.length_groups=1"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -204,6 +205,10 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, hh_f
                 *base_overrides(hh_file, part, **{"dpo_training.batch_size": 2, "dpo_training.max_steps": 7}), *common)
     assert r.returncode == 0 and "micro-batch 3)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert [m["epoch"] for m in read_jsonl(part / "metrics.jsonl") if "loss" in m][-1] == pytest.approx((12 + 4) / 64)
+    # and back from FSDP shards to one unwrapped process with 4 pairs per step
+    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, part, **{"dpo_training.batch_size": 4, "dpo_training.max_steps": 8}), *common)
+    assert r.returncode == 0 and "micro-batch 4)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [m["epoch"] for m in read_jsonl(part / "metrics.jsonl") if "loss" in m][-1] == pytest.approx((16 + 4) / 64)
 
 
 # ----------------------------------------------------------------------------- end to end
