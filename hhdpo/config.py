@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import os
 import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -400,13 +401,38 @@ def config_yaml(cfg: Config) -> str:
     return redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
-    """Write the resolved config (secrets redacted) atomically into ``directory``."""
+def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.yaml", previous_tag: str | None = None,
+                log=None) -> Path:
+    """Write the resolved config (secrets redacted) atomically into ``directory``.
+
+    A different config already there (a resumed or rerun job whose settings changed) is kept
+    as ``<stem>.<previous_tag>.yaml`` (default tag: a timestamp), not replaced, and the
+    changed keys are passed to ``log``.
+    """
     from hhdpo.io import atomic_write_text
 
     path = Path(directory) / name
-    atomic_write_text(path, config_yaml(cfg))
+    text = config_yaml(cfg)
+    if path.is_file():
+        changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(text))
+        if changed:
+            kept = path.with_name(f"{path.stem}.{previous_tag or time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+            os.replace(path, kept)
+            if log:
+                log(f"[config] changed config {path} (previous one kept as {kept.name}): " + ", ".join(changed))
+    atomic_write_text(path, text)
     return path
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(old.keys() | new.keys()):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def _type_name(tp) -> str:

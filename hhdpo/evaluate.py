@@ -31,7 +31,7 @@ def evaluate(cfg: Config, models: list[str] | None = None, backend: str | None =
 
     out_dir = Path(cfg.eval.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir, "eval_config.yaml")
+    save_config(cfg, out_dir, "eval_config.yaml", log=log)
 
     gen_files = generate(cfg, select_models(cfg, models), backend=backend, log=log)
     names = list(gen_files)

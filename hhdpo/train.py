@@ -213,9 +213,7 @@ class DPOTrainer:
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         if self.is_main:
-            if resume_from is not None:
-                self._keep_changed_config()
-            save_config(cfg, self.paths["save"])
+            save_config(cfg, self.paths["save"], previous_tag=f"before_step_{self.step:07d}", log=self._log)
             for name in ("global_margins_log.jsonl", "global_tail_test_and_beta_log.jsonl"):
                 truncate_after_step(self.paths["tail"] / name, self.step)
         self.logger = MetricsLogger(self.paths["metrics"], cfg, self.is_main, resume_step=self.step)
@@ -230,23 +228,6 @@ class DPOTrainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _keep_changed_config(self) -> None:
-        """A resumed run whose config changed: say what changed, and keep the old config beside the new one."""
-        import yaml
-
-        from hhdpo.config import config_yaml
-
-        old_path = self.paths["save"] / "config.yaml"
-        if not old_path.is_file():
-            return
-        old, new = _flatten(yaml.safe_load(old_path.read_text()) or {}), _flatten(yaml.safe_load(config_yaml(self.cfg)))
-        changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-        if changed:
-            kept = old_path.with_name(f"config.before_step_{self.step:07d}.yaml")
-            os.replace(old_path, kept)
-            self._log(f"[train] resuming at step {self.step} with a changed config (previous one kept as {kept.name}): "
-                      + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -609,16 +590,6 @@ class DPOTrainer:
             self._log(f"[train] saved Hugging Face model to {save}")
         dist.barrier()
         return save
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---------------------------------------------------------------------------- entry points

@@ -70,6 +70,18 @@ def test_saved_config_roundtrips_and_has_no_secret(tmp_path, monkeypatch):
     assert yaml.safe_load(config_yaml(cfg))["tail_test"]["lambda"] == 0.1
 
 
+def test_save_config_keeps_a_changed_previous_config(tmp_path):
+    logged = []
+    first = save_config(load_config(SEED, ["policy_model=smollm2"]), tmp_path, "eval_config.yaml", log=logged.append)
+    save_config(load_config(SEED, ["policy_model=smollm2"]), tmp_path, "eval_config.yaml", log=logged.append)
+    assert logged == [] and [p.name for p in tmp_path.iterdir()] == ["eval_config.yaml"]  # unchanged: nothing kept
+    save_config(load_config(SEED, ["policy_model=smollm2", "dpo_training.dpo_beta=0.05"]), tmp_path, "eval_config.yaml",
+                previous_tag="before", log=logged.append)
+    assert load_config(tmp_path / "eval_config.before.yaml").dpo_training.dpo_beta == 0.1
+    assert load_config(first).dpo_training.dpo_beta == 0.05
+    assert len(logged) == 1 and "dpo_training.dpo_beta: 0.1 -> 0.05" in logged[0]
+
+
 def test_readme_config_reference_is_current():
     from hhdpo.config import config_reference
 
