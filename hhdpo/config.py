@@ -73,7 +73,7 @@ class DPOTrainingConfig:
     average_log_prob: bool = False  # length-averaged log-probs instead of sums
     precompute_ref_log_probs: bool = False
     activation_checkpointing: bool = False
-    length_groups: int = 0  # forwards per micro-batch, rows sorted by length (less padding); 0 = auto (fewest padded tokens on one process, 1 under FSDP)
+    group_by_length: Optional[bool] = None  # forward a micro-batch's rows in length-sorted groups (less padding); null = on for one process, off under FSDP
     fsdp_layer_cls: list[str] = field(default_factory=list)  # default: model._no_split_modules
     seed: int = 42
     save_dir: str = "dpo_model"
@@ -93,7 +93,6 @@ class DPOTrainingConfig:
         yield "dpo_beta", self.dpo_beta > 0, "a number > 0"
         yield "loss_type", self.loss_type in ("sigmoid", "ipo", "hinge", "robust"), "one of sigmoid, ipo, hinge, robust"
         yield "label_smoothing", 0.0 <= self.label_smoothing < 0.5, "a number in [0, 0.5)"
-        yield "length_groups", self.length_groups >= 0, "an integer >= 0 (0 = auto, 1 = one forward per micro-batch)"
         yield "save_dir", bool(self.save_dir), "a non-empty path"
 
 

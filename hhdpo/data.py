@@ -238,12 +238,6 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, cfg_dataset, progress: bool = F
 # --------------------------------------------------------------------------- batching
 
 
-def _rows(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
-    # (tokens, labels) for rows [0, B) chosen then [B, 2B) rejected
-    return [(ex["prompt_ids"] + ex[key], [-100] * len(ex["prompt_ids"]) + ex[key])
-            for key in ("chosen_ids", "rejected_ids") for ex in examples]
-
-
 def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     import torch
 
@@ -256,14 +250,6 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
         lab[i, : len(l)] = torch.tensor(l)
         mask[i, : len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
-
-
-def collate(examples: list[dict], pad_id: int):
-    """Concatenated batch: rows [0, B) chosen, [B, 2B) rejected; padded to the longest row.
-
-    Returns input_ids, attention_mask and labels (-100 on prompt and padding), as tensors.
-    """
-    return _pad(_rows(examples), pad_id)
 
 
 # One extra forward+backward of SmolLM2 on 2 CPU cores costs about as much as 64 more padded
@@ -294,26 +280,20 @@ def length_partition(lengths: list[int], forward_cost: float = FORWARD_COST_TOKE
     return groups[::-1]
 
 
-def collate_groups(examples: list[dict], pad_id: int, groups: int = 0) -> list[dict]:
-    """The 2B rows of :func:`collate` split into forwards, each padded only to its own longest row.
+def collate_groups(examples: list[dict], pad_id: int, by_length: bool = False) -> list[dict]:
+    """A micro-batch as padded tensors: rows [0, B) chosen, [B, 2B) rejected.
 
-    A chosen response is often much shorter than its rejected one; padding both to the longer
-    wastes work. ``groups=0`` picks the split per micro-batch (:func:`length_partition`);
-    ``groups=k`` cuts the length-sorted rows into k equal parts; ``groups=1`` is one forward in
-    :func:`collate` order. Each group also has ``rows``: the row's index in ``collate`` order
-    (chosen i -> i, rejected i -> B + i).
+    Each group has input_ids, attention_mask, labels (-100 on prompt and padding) and ``rows``
+    (each row's index in that order). ``by_length=False``: one group padded to the longest row.
+    ``by_length=True``: the rows split into forwards by :func:`length_partition`, each padded
+    only to its own longest row; a chosen response is often much shorter than its rejected one,
+    and padding both to the longer wastes work.
     """
     import torch
 
-    rows = _rows(examples)
-    if groups == 0:
-        parts = length_partition([len(s) for s, _ in rows])
-    elif groups == 1:
-        parts = [list(range(len(rows)))]
-    else:
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-        size = -(-len(rows) // groups)
-        parts = [order[s:s + size] for s in range(0, len(rows), size)]
+    rows = [(ex["prompt_ids"] + ex[key], [-100] * len(ex["prompt_ids"]) + ex[key])
+            for key in ("chosen_ids", "rejected_ids") for ex in examples]
+    parts = length_partition([len(s) for s, _ in rows]) if by_length else [list(range(len(rows)))]
     return [{**_pad([rows[i] for i in part], pad_id), "rows": torch.tensor(part, dtype=torch.long)} for part in parts]
 
 

@@ -138,8 +138,8 @@ class DPOTrainer:
         process there is nothing to shard: the model runs unwrapped (bf16 through autocast).
       - LM head (vocabulary projection) only at positions that predict a response token, and
         each micro-batch's chosen+rejected rows forwarded in length-sorted groups, each padded
-        only to its own longest row (``length_groups``; on one process the split that minimises
-        padded tokens plus a per-forward cost).
+        only to its own longest row, split to minimise padded tokens plus a per-forward cost
+        (``group_by_length``; on by default for one process).
       - Frozen reference model sharded the same way, or reference log-probs precomputed
         once and cached on disk (``precompute_ref_log_probs``).
       - Precision: fp32 on CPU; bf16 compute with fp32 master weights, gradients
@@ -187,7 +187,7 @@ class DPOTrainer:
                             f"{t.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}")
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
         # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks)
-        self.length_groups = t.length_groups if t.length_groups or self.world == 1 else 1
+        self.group_by_length = t.group_by_length if t.group_by_length is not None else self.world == 1
 
         # models
         self.policy, self.hf_config, self.arch = self._build_model(cfg.policy_model, trainable=True)
@@ -262,7 +262,7 @@ class DPOTrainer:
     # ------------------------------------------------------------------ forward
 
     def _batch(self, idxs: list[int]) -> dict:
-        groups = collate_groups([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.length_groups)
+        groups = collate_groups([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length)
         groups = [{k: v.to(self.device, non_blocking=True) for k, v in g.items()} for g in groups]
         return {"groups": groups, "n": len(idxs), "tokens": sum(g["attention_mask"].sum() for g in groups)}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hhdpo.data import (ASSISTANT, collate, collate_groups, length_partition, load_pairs, prompt_ids, rank_batches,
+from hhdpo.data import (ASSISTANT, collate_groups, length_partition, load_pairs, prompt_ids, rank_batches,
                         resume_batch_index, seed_split, slice_split, split_pair, tokenize_pair, train_val_split)
 from hhdpo.io import DataError
 
@@ -124,7 +124,8 @@ def test_truncation_keeps_response_and_prompt_end(hh_file, tok):
 def test_collate_masks_prompt_and_padding():
     exs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
            {"prompt_ids": [7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13]}]
-    b = collate(exs, pad_id=0)
+    (b,) = collate_groups(exs, pad_id=0)
+    assert b["rows"].tolist() == [0, 1, 2, 3]
     assert b["input_ids"].shape == (4, 5)  # longest row, not max_len
     assert b["labels"][0].tolist() == [-100, -100, -100, 4, 5]
     assert b["labels"][2].tolist() == [-100, -100, -100, 6, -100]
@@ -158,15 +159,15 @@ def test_length_partition_is_optimal():
     assert sorted(map(sorted, length_partition([20, 300, 25, 290], 64))) == [[0, 2], [1, 3]]
 
 
-@pytest.mark.parametrize("groups", [0, 1, 2, 3])
-def test_collate_groups_hold_every_row_once_with_its_own_padding(groups):
+@pytest.mark.parametrize("by_length", [True, False])
+def test_collate_groups_hold_every_row_once_with_its_own_padding(by_length):
     exs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": list(range(20, 40))},
            {"prompt_ids": [7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13]},
            {"prompt_ids": [1] * 30, "chosen_ids": [50] * 40, "rejected_ids": [51] * 38}]
-    full = collate(exs, pad_id=0)
-    parts = collate_groups(exs, pad_id=0, groups=groups)
+    (full,) = collate_groups(exs, pad_id=0)
+    parts = collate_groups(exs, pad_id=0, by_length=by_length)
     assert sorted(int(r) for g in parts for r in g["rows"]) == list(range(6))
-    if groups == 1:
+    if not by_length:
         assert len(parts) == 1 and all(torch.equal(parts[0][k], full[k]) for k in ("input_ids", "labels", "attention_mask"))
     for g in parts:
         width = g["input_ids"].shape[1]
@@ -174,7 +175,7 @@ def test_collate_groups_hold_every_row_once_with_its_own_padding(groups):
         for j, r in enumerate(g["rows"].tolist()):
             assert torch.equal(g["input_ids"][j, :width], full["input_ids"][r, :width])
             assert torch.equal(g["labels"][j], full["labels"][r, :width])
-    if groups == 0:
+    if by_length:
         assert len(parts) == 2  # the 70- and 68-token rows of pair 3 apart from the rest
 
 

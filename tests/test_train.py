@@ -152,13 +152,13 @@ def test_precomputed_reference_matches_live_reference(tmp_path, hh_file, tiny_ll
     assert r3.returncode == 0 and "reference log-probs from cache" in r3.stdout
 
 
-def test_single_process_resume_and_length_groups(tmp_path, hh_file, tiny_llama_dir):
+def test_single_process_resume_and_group_by_length(tmp_path, hh_file, tiny_llama_dir):
     """One process runs the model unwrapped (no FSDP): its checkpoints resume exactly too, and
     the length-grouped forwards and bf16 autocast train on the same losses as one padded fp32 forward."""
     common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", "dpo_training.batch_size=4",
               "dataset.max_len=96", "dataset.max_prompt_len=64", "dpo_training.lr_scheduler=constant"]
     runs = {}
-    for name, extra in {"auto": [], "one": ["dpo_training.length_groups=1"], "bf16": ["precision=bf16"]}.items():
+    for name, extra in {"auto": [], "one": ["dpo_training.group_by_length=false"], "bf16": ["precision=bf16"]}.items():
         r = run_cli("train", "--config", CFG, *base_overrides(hh_file, tmp_path / name), *common, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = [l for _, l in _losses(tmp_path / name)]
@@ -185,7 +185,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, hh_f
     each): same next pairs, same losses as the uninterrupted one-process run; then on other
     batch sizes, FSDP shards back to one process, continuing where the data left off."""
     common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", "dpo_training.lr_scheduler=constant",
-              "dpo_training.length_groups=1"]
+              "dpo_training.group_by_length=false"]
     full, part = tmp_path / "full", tmp_path / "part"
     r = run_cli("train", "--config", CFG, *base_overrides(hh_file, full, **{"dpo_training.batch_size": 2}), *common)
     assert r.returncode == 0, r.stderr[-3000:]
