@@ -512,8 +512,9 @@ class DPOTrainer:
         torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
         dist.barrier()
         if self.is_main:
-            trainer = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "beta": self.beta,
-                       "samples_in_epoch": self.batch_in_epoch * self.cfg.dpo_training.batch_size * self.world,
+            # the data position as pairs used (not this run's micro-batch count): valid for any world/batch size
+            trainer = {"step": self.step, "epoch": self.epoch, "beta": self.beta,
+                       "pairs_in_epoch": self.batch_in_epoch * self.cfg.dpo_training.batch_size * self.world,
                        "tail": self.tail.state_dict(), "scheduler": self.sched.state_dict(), "window": self.window,
                        "world": self.world}
             torch.save(trainer, tmp / "trainer_state.pt")
@@ -537,7 +538,10 @@ class DPOTrainer:
         tr = torch.load(path / "trainer_state.pt", weights_only=False)
         self.sched.load_state_dict(tr["scheduler"])
         self.step, self.epoch = tr["step"], tr["epoch"]
-        self.batch_in_epoch = self._resume_position(tr)
+        self.batch_in_epoch, repeated = resume_batch_index(tr["pairs_in_epoch"], self.cfg.dpo_training.batch_size, self.world)
+        if repeated:
+            self._log(f"[ckpt] warning: {tr['pairs_in_epoch']} pairs of epoch {self.epoch} were used, not a whole number "
+                      f"of this run's micro-batches; {repeated} of them are seen again")
         self.beta, self.window = tr["beta"], tr["window"]
         self.tail.load_state_dict(tr["tail"])
         rng_file = path / f"rng_rank{self.rank}.pt"
@@ -550,15 +554,6 @@ class DPOTrainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.last_saved_step = self.step
         self._log(f"[ckpt] resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
-
-    def _resume_position(self, tr: dict) -> int:
-        """Micro-batch index in the epoch from the checkpoint's global position (any world or batch size)."""
-        seen = tr.get("samples_in_epoch", tr["batch_in_epoch"] * self.cfg.dpo_training.batch_size * tr["world"])
-        index, repeated = resume_batch_index(seen, self.cfg.dpo_training.batch_size, self.world)
-        if repeated:
-            self._log(f"[ckpt] warning: {seen} pairs of epoch {self.epoch} were used, not a whole number of this run's "
-                      f"micro-batches; {repeated} of them are seen again")
-        return index
 
     def export_hf(self) -> Path:
         """Gather the shards into a Hugging Face directory in save_dir (rank 0 writes)."""
