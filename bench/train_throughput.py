@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -109,12 +108,6 @@ def wait_for_idle(max_cores: float, max_wait: float) -> dict:
         time.sleep(5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def hhdpo_overrides(a, precision: str, precompute: bool, save_dir: str) -> list[str]:
     return [
         f"dataset.dataset_name={a.data}", f"dataset.subset=test[:{a.raw_rows}]", "dataset.val_ratio=0",
@@ -149,6 +142,8 @@ def profile_table(prof, limit: int = 30) -> str:
 
 
 def child_hhdpo(a, precision: str, precompute: bool) -> dict:
+    from hhdpo.serve import free_port
+
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import torch

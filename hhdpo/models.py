@@ -126,7 +126,7 @@ def lm_head_only_at(model, positions):
 
     ``positions`` is a (B, T) bool mask; the model's logits then come out as (N, V), one row per
     True position in row-major order. DPO scores only response tokens, and the vocabulary
-    projection at every prompt and padding position is most of a small model's FLOPs. Hooking
+    projection is a large share of a small model's FLOPs (a fifth of SmolLM2-135M's). Hooking
     the head (rather than calling the backbone and head separately) keeps the model's own
     forward, so FSDP's root hooks and any logit post-processing (soft-capping, scaling) still run.
     """
