@@ -24,10 +24,12 @@ from typing import Any, Optional
 
 import yaml
 
+from hhdpo.errors import BadInput
+
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config file or override is invalid; the message names the key path."""
 
 

@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from hhdpo.errors import BadInput
 
-class DataError(ValueError):
+
+class DataError(BadInput):
     """Bad input data; the message names the file and line."""
 
 

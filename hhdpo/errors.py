@@ -1,0 +1,27 @@
+"""Exit codes and the error classes behind them, the same for every stage.
+
+    0   done
+    1   anything unexpected (a bug, a crashed library): traceback printed
+    2   bad config or input: the message names the key, file or line; nothing was changed
+    42  preempted: a checkpoint was saved; requeue the job and it resumes
+    130 interrupted from the keyboard (Ctrl-C); finished work is kept
+
+``hhdpo <stage>``, ``python -m hhdpo.<stage>``, the Makefile, the sbatch scripts and the
+submitit launchers all return these codes.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 42
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(ValueError):
+    """Bad config or input; the message names the key, file or line. Exits 2."""
+
+
+class Preempted(Exception):
+    """A signal asked the job to stop; a checkpoint was saved. Exits 42."""
