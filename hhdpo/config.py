@@ -103,7 +103,7 @@ class CheckpointConfig:
     save_steps: int = 0  # 0 = no intermediate checkpoints (SIGTERM/SIGUSR2 still save)
     resume: str = "auto"  # auto | never | <path to a step_XXXXXXX checkpoint>
     keep_last: int = 2
-    dir: Optional[str] = None  # default: <save_dir>/checkpoints
+    dir: Optional[str] = None  # null = <save_dir>/checkpoints
 
     def _checks(self):
         yield "save_steps", self.save_steps >= 0, "an integer >= 0"
@@ -116,7 +116,7 @@ class TailTestConfig:
     delta: float = 0.1
     lambda_: float = 0.1  # YAML key: `lambda`
     warmup_steps: Optional[int] = None  # default: dpo_training.warmup_steps
-    log_dir: str = "logs/margins"
+    log_dir: Optional[str] = None  # null = <save_dir>/logs/margins
     save_npy: bool = True
     adaptive_beta: bool = False
     alpha: float = 0.05
@@ -220,13 +220,14 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
-    out_dir: str = "eval_outputs"
+    out_dir: Optional[str] = None  # pairwise, judged and summary files; null = the directory of HH_test_policy_out
     shuffle_ab: bool = True
     seed: int = 0
 
 
 @dataclass
 class Config:
+    run_dir: Optional[str] = None  # base of every relative output path (save_dir, checkpoint.dir, tail_test.log_dir, HH_test outputs, eval.out_dir); null = the working directory
     policy_model: str = "smollm2"
     ref_model: Optional[str] = None  # default: policy_model
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
@@ -254,6 +255,50 @@ class Config:
 
     def to_dict(self) -> dict:
         return _to_yaml_dict(self)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's outputs live, after the one path rule (see :func:`run_paths`)."""
+
+    run: Path
+    save: Path
+    ckpt: Path
+    metrics: Path
+    state: Path
+    tail: Path
+    eval: Path
+    policy_out: Path
+    base_out: Path
+
+    def gen_out(self, name: str) -> Path:
+        """Generation output of model ``name`` (policy, base, or a name from HH_test.models)."""
+        return {"policy": self.policy_out, "base": self.base_out}.get(name) or self.policy_out.parent / f"{name}_out.jsonl"
+
+
+def run_paths(cfg: "Config") -> RunPaths:
+    """The one path rule: output paths are relative to ``run_dir``; ``run_dir`` and input paths
+    (dataset files, models, the config file) are relative to the working directory.
+
+    Output keys: dpo_training.save_dir, checkpoint.dir, tail_test.log_dir, HH_test.HH_test_policy_out,
+    HH_test.HH_test_base_out, eval.out_dir. Unset keys follow others: checkpoints and margins
+    under save_dir, eval outputs beside the policy generations.
+    """
+    run = Path(cfg.run_dir or ".").expanduser()
+
+    def under(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else run / q
+
+    save = under(cfg.dpo_training.save_dir)
+    policy_out = under(cfg.HH_test.HH_test_policy_out)
+    return RunPaths(
+        run=run, save=save,
+        ckpt=under(cfg.checkpoint.dir) if cfg.checkpoint.dir else save / "checkpoints",
+        metrics=save / "metrics.jsonl", state=save / "run_state.json",
+        tail=under(cfg.tail_test.log_dir) if cfg.tail_test.log_dir else save / "logs" / "margins",
+        eval=under(cfg.eval.out_dir) if cfg.eval.out_dir else policy_out.parent,
+        policy_out=policy_out, base_out=under(cfg.HH_test.HH_test_base_out))
 
 
 _SPLIT_RE = re.compile(r"^[A-Za-z_]+(\[[^\]]*\])?$")
@@ -399,7 +444,11 @@ def redact(text: str) -> str:
 
 
 def config_yaml(cfg: Config) -> str:
-    return redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The config as saved: secrets redacted, ``run_dir`` made absolute so that the saved file
+    finds the run's outputs from any working directory."""
+    d = cfg.to_dict()
+    d["run_dir"] = str(Path(cfg.run_dir or ".").expanduser().resolve())
+    return redact(yaml.safe_dump(d, sort_keys=False))
 
 
 def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.yaml", previous_tag: str | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hhdpo.config import run_paths
 from hhdpo.data import Pair, load_pairs, prompt_ids, truncate
 from hhdpo.io import DataError, append_jsonl, repair_jsonl
 from hhdpo.models import ALIASES, ModelError, load_model, load_tokenizer, resolve_model
@@ -77,7 +78,7 @@ def render_prompt(pair: Pair, tokenizer, max_prompt_length: int, use_chat_templa
 def select_models(cfg, names: list[str] | None = None) -> dict[str, str]:
     """Map model names to specs: ``policy`` (dpo_training.save_dir), ``base`` (ref model),
     a key of ``HH_test.models``, ``all`` (all of those) or ``NAME=PATH``; default policy+base."""
-    known = {"policy": cfg.dpo_training.save_dir, "base": cfg.ref_model_path, **cfg.HH_test.models}
+    known = {"policy": str(run_paths(cfg).save), "base": cfg.ref_model_path, **cfg.HH_test.models}
     if not names:
         return {"policy": known["policy"], "base": known["base"]}
     out: dict[str, str] = {}
@@ -95,8 +96,7 @@ def select_models(cfg, names: list[str] | None = None) -> dict[str, str]:
 
 
 def _targets(cfg, models: dict[str, str]) -> list[Target]:
-    hh = cfg.HH_test
-    outs = {"policy": Path(hh.HH_test_policy_out), "base": Path(hh.HH_test_base_out)}
+    paths = run_paths(cfg)
     targets = []
     for name, spec in models.items():
         # resolve_model would take a missing "runs/x" for a Hub id; a trained policy is always local
@@ -107,7 +107,7 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
             path = resolve_model(spec)
         except ModelError as e:
             raise GenerateError(f"{name} model: {e}") from None
-        out = outs.get(name) or Path(hh.HH_test_policy_out).parent / f"{name}_out.jsonl"
+        out = paths.gen_out(name)
         targets.append(Target(name, spec, path, MODEL_IDS.get(name, name), out))
     return targets
 

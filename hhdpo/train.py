@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hhdpo.config import Config, ConfigError, config_reference, load_config, save_config
+from hhdpo.config import Config, ConfigError, config_reference, load_config, run_paths, save_config
 from hhdpo.data import collate_groups, load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
 from hhdpo.io import DataError, atomic_write_json
 from hhdpo.launch import EXIT_PREEMPTED, adopt_slurm_env, in_distributed_env, run_under_torchrun
@@ -81,18 +81,6 @@ def lr_lambda(warmup: int, total: int, kind: str):
     return f
 
 
-def save_dir_paths(cfg: Config) -> dict[str, Path]:
-    save = Path(cfg.dpo_training.save_dir)
-    tail = Path(cfg.tail_test.log_dir)
-    return {
-        "save": save,
-        "ckpt": Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else save / "checkpoints",
-        "metrics": save / "metrics.jsonl",
-        "state": save / "run_state.json",
-        "tail": tail if tail.is_absolute() else save / tail,
-    }
-
-
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Checkpoints whose meta.json exists (written last), oldest first."""
     if not ckpt_dir.is_dir():
@@ -106,7 +94,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     if r == "never":
         return None
     if r == "auto":
-        ckpts = complete_checkpoints(save_dir_paths(cfg)["ckpt"])
+        ckpts = complete_checkpoints(run_paths(cfg).ckpt)
         return ckpts[-1] if ckpts else None
     p = Path(r)
     if not (p / "meta.json").is_file():
@@ -120,12 +108,12 @@ def preflight(cfg: Config) -> None:
     load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
     resolve_model(cfg.policy_model)
     resolve_model(cfg.ref_model_path)
-    paths = save_dir_paths(cfg)
+    paths = run_paths(cfg)
     if find_resume_checkpoint(cfg) is None:
-        leftovers = [p for p in (paths["metrics"], paths["save"] / "model.safetensors", paths["tail"]) if p.exists()]
+        leftovers = [p for p in (paths.metrics, paths.save / "model.safetensors", paths.tail) if p.exists()]
         if leftovers:
             raise ConfigError(
-                f"dpo_training.save_dir: {paths['save']} already holds a run ({leftovers[0].name}) and no checkpoint "
+                f"dpo_training.save_dir: {paths.save} already holds a run ({leftovers[0].name}) and no checkpoint "
                 "to resume; choose another save_dir (nothing was changed)")
 
 
@@ -164,7 +152,7 @@ class DPOTrainer:
             dist.init_process_group(backend=backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.paths = save_dir_paths(cfg)
+        self.paths = run_paths(cfg)
         self._seed_everything(t.seed)
         self._stop_signal = 0
         for s in (signal.SIGTERM, signal.SIGUSR2):
@@ -203,7 +191,7 @@ class DPOTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, self.total_steps, t.lr_scheduler))
 
         tail_warmup = cfg.tail_test.warmup_steps if cfg.tail_test.warmup_steps is not None else t.warmup_steps
-        self.tail = TailTest(cfg.tail_test, tail_warmup, t.dpo_beta, self.paths["tail"] if self.is_main else None)
+        self.tail = TailTest(cfg.tail_test, tail_warmup, t.dpo_beta, self.paths.tail if self.is_main else None)
         self.beta = t.dpo_beta
         self.step = 0
         self.epoch = 0
@@ -213,10 +201,10 @@ class DPOTrainer:
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         if self.is_main:
-            save_config(cfg, self.paths["save"], previous_tag=f"before_step_{self.step:07d}", log=self._log)
+            save_config(cfg, self.paths.save, previous_tag=f"before_step_{self.step:07d}", log=self._log)
             for name in ("global_margins_log.jsonl", "global_tail_test_and_beta_log.jsonl"):
-                truncate_after_step(self.paths["tail"] / name, self.step)
-        self.logger = MetricsLogger(self.paths["metrics"], cfg, self.is_main, resume_step=self.step)
+                truncate_after_step(self.paths.tail / name, self.step)
+        self.logger = MetricsLogger(self.paths.metrics, cfg, self.is_main, resume_step=self.step)
 
     # ------------------------------------------------------------------ setup
 
@@ -485,7 +473,7 @@ class DPOTrainer:
 
     def _write_state(self, status: str) -> None:
         if self.is_main:
-            atomic_write_json(self.paths["state"], {"status": status, "step": self.step, "total_steps": self.total_steps})
+            atomic_write_json(self.paths.state, {"status": status, "step": self.step, "total_steps": self.total_steps})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -499,7 +487,7 @@ class DPOTrainer:
         """DCP sharded checkpoint; written to a temp dir, meta.json last, then renamed."""
         import torch.distributed.checkpoint as dcp
 
-        root = self.paths["ckpt"]
+        root = self.paths.ckpt
         final = root / f"{CKPT_PREFIX}{self.step:07d}"
         tmp = root / f".{final.name}.partial"
         if self.is_main:
@@ -562,7 +550,7 @@ class DPOTrainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        save = self.paths["save"]
+        save = self.paths.save
         if self.is_main:
             out_dtype = torch.float32 if self.dtype == torch.float32 else self.dtype
             if getattr(self.hf_config, "tie_word_embeddings", False):
@@ -614,7 +602,7 @@ def cli(argv: list[str] | None = None) -> int:
             preflight(cfg)
         if not distributed:
             fwd = _strip_nproc(list(argv if argv is not None else sys.argv[1:]))
-            return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, save_dir_paths(cfg)["state"])
+            return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, run_paths(cfg).state)
     except (ConfigError, DataError, ModelError) as e:
         print(f"hhdpo train: error: {e}", file=sys.stderr)
         return 2

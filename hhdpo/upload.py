@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from hhdpo.config import Config, ConfigError, load_config, redact
+from hhdpo.config import Config, ConfigError, load_config, redact, run_paths
 
 # run state that lives in save_dir but is not part of the model
 _NOT_MODEL_FILES = {"metrics.jsonl", "run_state.json", "README.md"}
@@ -253,10 +253,10 @@ def upload(targets: list[Target], private: bool, token: str, api=None,
 
 
 def _resolve_sources(args, cfg: Config) -> Sources:
-    model_dir = Path(args.model_dir or cfg.dpo_training.save_dir)
-    tail = Path(cfg.tail_test.log_dir)
-    margins = Path(args.margins_dir) if args.margins_dir else (tail if tail.is_absolute() else model_dir / tail)
-    eval_dir = Path(args.eval_dir or cfg.eval.out_dir)
+    paths = run_paths(cfg)
+    model_dir = Path(args.model_dir) if args.model_dir else paths.save
+    margins = Path(args.margins_dir) if args.margins_dir else paths.tail
+    eval_dir = Path(args.eval_dir) if args.eval_dir else paths.eval
     summary = Path(args.summary) if args.summary else eval_dir / "summary.json"
     metrics = Path(args.metrics) if args.metrics else model_dir / "metrics.jsonl"
     return Sources(model_dir, margins, metrics, eval_dir, summary)
