@@ -2,22 +2,26 @@
 
 Parsing. Each HH record is two full conversations, ``chosen`` and ``rejected``, written as
 ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is the longest common prefix of the
-two that ends at a ``\\n\\nAssistant:`` turn boundary; the responses are what follows
-(possibly several turns, when the conversations diverge before the last one). Splitting
-each text at its own last ``\\n\\nAssistant:`` (the seed) gives two different prompts for
-such pairs.
+two that ends at a ``\\n\\nAssistant:`` turn boundary; the responses are what follows.
+A pair whose conversations diverge before their last turn (a response spanning several
+turns, human text included) is skipped and counted as ``diverges_before_last_turn``, like
+empty responses; so every response is one assistant turn.
 
 Templating. Prompt turns become chat messages and the model's chat template renders
 prompt+response once, as token ids; the response tokens are those the template emits
 after the prompt (``add_generation_prompt=True``) up to and including the end-of-turn
 token. There is no second tokenizer pass over template text, so no doubled BOS.
 
+Truncation (:func:`fit_prompt`, shared with generation). A prompt over its limit loses
+whole oldest exchanges first, so it still starts at a user turn; if the last user turn
+alone is too long, its text is cut from the left. The template renders what is kept, so
+the result is always a well-formed chat (role headers, system prompt, BOS as it does them).
+
     hhdpo data --config configs/smollm2_cpu.yaml --show 3
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -82,6 +86,8 @@ def split_pair(chosen: str, rejected: str) -> Pair | str:
     if pm is None or cm is None or rm is None or pm[0]["role"] != "user":
         return "unparseable"
     pm = pm[:-1]  # drop the placeholder assistant turn
+    if len(cm) > 1 or len(rm) > 1:  # the later turns would be trained as the model's own words
+        return "diverges_before_last_turn"
     if any(not m["content"] for m in pm) or not cm[0]["content"] or not rm[0]["content"]:
         return "empty_turn"
     return Pair(prompt, c.lstrip(" "), r.lstrip(" "), pm, cm, rm)
@@ -193,39 +199,83 @@ def prompt_ids(pair_or_messages, tokenizer, use_chat_template: bool = True) -> l
     return tokenizer(raw, add_special_tokens=True)["input_ids"]
 
 
-def response_ids(pair: Pair, which: str, tokenizer, p_ids: list[int], use_chat_template: bool = True) -> list[int]:
-    """Token ids the model is trained on for ``which`` in {chosen, rejected}."""
+def response_ids(pair: Pair, which: str, tokenizer, p_ids: list[int], use_chat_template: bool = True,
+                 prompt_messages: list[dict] | None = None) -> list[int]:
+    """Token ids the model is trained on for ``which`` in {chosen, rejected}, after the prompt
+    ``prompt_messages`` (default: the pair's whole prompt) rendered as ``p_ids``."""
     if not use_chat_template:
         text = " " + getattr(pair, which)
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    msgs = pair.prompt_messages + getattr(pair, f"{which}_messages")
+    msgs = (pair.prompt_messages if prompt_messages is None else prompt_messages) + getattr(pair, f"{which}_messages")
     full = _ids(tokenizer.apply_chat_template(msgs, tokenize=True))
     if full[: len(p_ids)] != p_ids:
         raise DataError("chat template does not render the prompt as a prefix of prompt+response")
     return _trim_after_eot(full[len(p_ids):], tokenizer)
 
 
-def truncate(p: list[int], c: list[int], r: list[int], max_len: int, max_prompt_len: int, bos_id=None):
-    """Fit prompt+response into max_len: cut the prompt from the left first (keeping a
-    leading BOS and the end of the conversation), never below max_prompt_len, then the
-    responses from the right. Responses keep at least max_len - max_prompt_len >= 1 tokens."""
-    longest = max(len(c), len(r))
-    if len(p) + longest > max_len:
-        keep = min(len(p), max(max_len - longest, max_prompt_len))
-        if keep < len(p):
-            head = [p[0]] if bos_id is not None and p and p[0] == bos_id and keep > 1 else []
-            p = head + p[len(p) - (keep - len(head)) :]
-        budget = max_len - len(p)
-        c, r = c[:budget], r[:budget]
-    return p, c, r
+def prompt_limit(prompt_len: int, longest_response: int, max_len: int, max_prompt_len: int) -> int:
+    """Most prompt tokens a pair keeps: all that leave room for its longer response within
+    max_len, but never fewer than max_prompt_len (responses are cut from the right instead)."""
+    return min(prompt_len, max(max_len - longest_response, max_prompt_len))
+
+
+def fit_prompt(pair_or_messages, tokenizer, limit: int, use_chat_template: bool = True) -> tuple[list[dict], list[int]]:
+    """The prompt's kept messages and their token ids, at most ``limit`` tokens.
+
+    Whole oldest exchanges go first, so the kept chat starts at a user turn (templates such
+    as Mistral's or Gemma's reject a chat that starts with the assistant); a leading system
+    message stays. If the last user turn alone is still too long, its text is cut from the
+    left. Raises DataError when even one token of user text cannot fit around the template.
+    """
+    msgs = pair_or_messages.prompt_messages if isinstance(pair_or_messages, Pair) else pair_or_messages
+    ids = prompt_ids(pair_or_messages, tokenizer, use_chat_template)
+    if len(ids) <= limit:
+        return msgs, ids
+    head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    starts = [i for i in range(len(head) + 1, len(msgs)) if msgs[i]["role"] == "user"]
+    for i in starts:  # oldest first: the first suffix that fits is the longest
+        kept = head + msgs[i:]
+        ids = prompt_ids(kept, tokenizer, use_chat_template)
+        if len(ids) <= limit:
+            return kept, ids
+    first = starts[-1] if starts else len(head)
+    return _cut_left(head, msgs[first], msgs[first + 1:], tokenizer, limit, use_chat_template)
+
+
+def _cut_left(head: list[dict], oldest: dict, rest: list[dict], tokenizer, limit: int,
+              use_chat_template: bool) -> tuple[list[dict], list[int]]:
+    """Keep the end of ``oldest``'s text: as many of its tokens as fit with the rest."""
+    def render(content: str) -> tuple[list[dict], list[int]]:
+        kept = head + [{**oldest, "content": content}] + rest
+        return kept, prompt_ids(kept, tokenizer, use_chat_template)
+
+    frame = len(render("")[1])
+    text_ids = tokenizer(oldest["content"], add_special_tokens=False)["input_ids"]
+    budget = limit - frame
+    while budget >= 1:
+        # a cut token may split a UTF-8 character; drop its replacement char and leading blanks
+        content = tokenizer.decode(text_ids[-budget:]).lstrip("\ufffd").lstrip()
+        kept, ids = render(content)
+        if len(ids) <= limit:
+            return kept, ids
+        budget -= len(ids) - limit  # re-tokenized in context, the text can merge differently
+    raise DataError(f"a prompt limit of {limit} tokens leaves no room for the user's text: the chat template "
+                    f"around the last turn alone takes {frame} tokens; raise the maximum prompt length")
 
 
 def tokenize_pair(pair: Pair, tokenizer, max_len: int, max_prompt_len: int | None = None, use_chat_template: bool = True) -> dict:
+    """Prompt and response ids within max_len: the prompt fitted by :func:`fit_prompt` to
+    :func:`prompt_limit`, then both responses cut from the right to what is left."""
     p = prompt_ids(pair, tokenizer, use_chat_template)
     c = response_ids(pair, "chosen", tokenizer, p, use_chat_template)
     r = response_ids(pair, "rejected", tokenizer, p, use_chat_template)
-    p, c, r = truncate(p, c, r, max_len, max_prompt_len or max_len // 2, tokenizer.bos_token_id)
-    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+    limit = prompt_limit(len(p), max(len(c), len(r)), max_len, max_prompt_len or max_len // 2)
+    if len(p) > limit:
+        msgs, p = fit_prompt(pair, tokenizer, limit, use_chat_template)
+        c = response_ids(pair, "chosen", tokenizer, p, use_chat_template, msgs)
+        r = response_ids(pair, "rejected", tokenizer, p, use_chat_template, msgs)
+    budget = max_len - len(p)
+    return {"prompt_ids": p, "chosen_ids": c[:budget], "rejected_ids": r[:budget]}
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, cfg_dataset, progress: bool = False) -> list[dict]:
@@ -349,19 +399,13 @@ def show(cfg, n: int, out=sys.stdout) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from hhdpo.config import ConfigError, load_config
+    from hhdpo.stage import StageParser, load_stage_config, run_stage
 
-    ap = argparse.ArgumentParser(prog="hhdpo data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (dataset and policy_model sections are used)")
-    ap.add_argument("--show", type=int, default=3, metavar="N", help="print how the first N pairs render")
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        return show(cfg, args.show)
-    except (ConfigError, DataError) as e:
-        print(f"hhdpo data: error: {e}", file=sys.stderr)
-        return 2
+    ap = StageParser("hhdpo data", __doc__, config_required=False,
+                     config_help="YAML config (dataset and policy_model sections are used)")
+    ap.flag("show", type=int, default=3, metavar="N", help="print how the first N pairs render")
+    args = ap.parse(argv)
+    return run_stage("hhdpo data", lambda: show(load_stage_config(args), args.show))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ a rerun skips the idx already written and refuses a file made with other setting
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hhdpo.config import run_paths
+from hhdpo.errors import BadInput
 from hhdpo.data import Pair, load_pairs, prompt_ids, truncate
 from hhdpo.io import DataError, append_jsonl, repair_jsonl
 from hhdpo.models import ALIASES, ModelError, load_model, load_tokenizer, resolve_model
@@ -36,7 +36,7 @@ from hhdpo.models import ALIASES, ModelError, load_model, load_tokenizer, resolv
 MODEL_IDS = {"policy": "policy_model", "base": "base_model"}
 
 
-class GenerateError(RuntimeError):
+class GenerateError(BadInput):
     """Generation cannot run or would corrupt an output; the message says which file/model."""
 
 
@@ -365,26 +365,22 @@ def generate(cfg, models: dict[str, str] | None = None, backend: str | None = No
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from hhdpo.config import ConfigError, load_config
+    from hhdpo.stage import StageParser, load_stage_config, run_stage
 
-    ap = argparse.ArgumentParser(prog="hhdpo generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (HH_test, vllm, dataset, dpo_training.save_dir, ref_model)")
-    ap.add_argument("--models", default=None, metavar="NAMES",
-                    help="comma-separated: policy, base, keys of HH_test.models, 'all' (all of those) "
-                         "or NAME=PATH; default: policy,base")
-    ap.add_argument("--backend", choices=("vllm", "transformers"), default=None,
-                    help="generation backend (default: HH_test.backend)")
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. HH_test.num_sample=50")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+    ap = StageParser("hhdpo generate", __doc__,
+                     config_help="YAML config (HH_test, vllm, dataset, dpo_training.save_dir, ref_model)")
+    ap.flag("models", default=None, metavar="NAMES",
+            help="comma-separated: policy, base, keys of HH_test.models, 'all' (all of those) or NAME=PATH; "
+                 "default: policy,base")
+    ap.key_flag("backend", "HH_test.backend", help="generation backend: vllm or transformers")
+    args = ap.parse(argv)
+
+    def body() -> None:
+        cfg = load_stage_config(args)
         names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
-        generate(cfg, select_models(cfg, names), backend=args.backend)
-    except (ConfigError, DataError, ModelError, GenerateError) as e:
-        print(f"hhdpo generate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        generate(cfg, select_models(cfg, names))
+
+    return run_stage("hhdpo generate", body)
 
 
 if __name__ == "__main__":

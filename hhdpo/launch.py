@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_PREEMPTED = 42  # trainer saved a checkpoint after SIGTERM/SIGUSR2; requeue me
+from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 
 
 def in_distributed_env() -> bool:
@@ -62,8 +62,5 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     # trust only a state written by this launch, not a stale one from an earlier run
     if state_file is not None and state_file.is_file() and state_file.stat().st_mtime >= started:
         status = json.loads(state_file.read_text()).get("status")
-        if status == "preempted":
-            return EXIT_PREEMPTED
-        if status == "completed":
-            return 0
+        return {"preempted": EXIT_PREEMPTED, "completed": EXIT_OK, "bad_input": EXIT_BAD_INPUT}.get(status, rc)
     return rc

@@ -13,7 +13,6 @@ Exit status: 0 done, 2 bad config/input, 42 preempted (checkpoint saved; requeue
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -40,6 +39,7 @@ from hhdpo.loss import implicit_margins, packed_sequence_logps, preference_loss,
 from hhdpo.metrics import MetricsLogger, truncate_after_step
 from hhdpo.models import (ModelError, cache_dir, decoder_layer_classes, lm_head_only_at, load_model, load_tokenizer,
                           resolve_model)
+from hhdpo.stage import StageParser, load_stage_config, run_stage
 from hhdpo.tail import TailTest
 
 CKPT_PREFIX = "step_"
@@ -588,25 +588,24 @@ def run(cfg: Config) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="hhdpo train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any as section.key=value, e.g. dpo_training.dpo_beta=0.05):\n" + config_reference())
-    ap.add_argument("--config", required=True, help="YAML config file (e.g. configs/smollm2_cpu.yaml)")
-    ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks to start when not already under torchrun/srun (default 1)")
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+    ap = StageParser("hhdpo train", __doc__, config_help="YAML config file (e.g. configs/smollm2_cpu.yaml)",
+                     epilog="config keys (override any as section.key=value, e.g. dpo_training.dpo_beta=0.05):\n"
+                     + config_reference())
+    ap.flag("nproc_per_node", type=int, default=1, metavar="N",
+            help="ranks to start when not already under torchrun/srun (default 1)")
+    args = ap.parse(argv)
+
+    def body() -> int:
+        cfg = load_stage_config(args)
         distributed = in_distributed_env() or adopt_slurm_env()
         if not distributed or int(os.environ.get("RANK", 0)) == 0:
             preflight(cfg)
         if not distributed:
             fwd = _strip_nproc(list(argv if argv is not None else sys.argv[1:]))
             return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, run_paths(cfg).state)
-    except (ConfigError, DataError, ModelError) as e:
-        print(f"hhdpo train: error: {e}", file=sys.stderr)
-        return 2
-    return run(cfg)
+        return run(cfg)
+
+    return run_stage("hhdpo train", body)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
