@@ -13,7 +13,6 @@ sequential RNG, so a pair's order does not depend on which other records are in 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -79,48 +78,59 @@ def make_pairwise(in_file, out_file, shuffle_ab: bool = False, seed: int = 0,
             "shuffle_ab": shuffle_ab, "seed": seed}
 
 
-def build_parser(defaults=None) -> argparse.ArgumentParser:
-    ev = defaults  # an EvalConfig, or None for the seed's defaults
-    p = argparse.ArgumentParser(
-        prog="hhdpo pairwise",
-        description="Build an A/B pairwise JSONL (model response vs HH chosen) from a generation JSONL.")
-    p.add_argument("--config", help="YAML config; eval.shuffle_ab / eval.seed become the defaults")
-    p.add_argument("--in_file", required=True, help="generation JSONL for ONE model (policy or base)")
-    p.add_argument("--out_file", required=True, help="pairwise JSONL to write (atomically)")
-    p.add_argument("--shuffle_ab", action=argparse.BooleanOptionalAction,
-                   default=ev.shuffle_ab if ev else False,
-                   help="swap A/B per pair with p=0.5, deterministically from (seed, idx) "
-                        "(default: eval.shuffle_ab with --config, else off)")
-    p.add_argument("--seed", type=int, default=ev.seed if ev else 0,
-                   help="seed for the A/B swap (default: eval.seed with --config, else 0)")
-    p.add_argument("--a_id", default=None, help="label of the model side (default: each record's model_id)")
-    p.add_argument("--b_id", default=None, help=f"label of the HH chosen side (default: {CHOSEN_ID})")
-    p.add_argument("--keep_meta", action="store_true", help="copy the generation record's other fields too")
-    return p
+def pairwise_run(cfg, names: list[str], log=print) -> dict[str, Path]:
+    """The stage as ``hhdpo eval`` runs it: each model's generations -> ``<eval dir>/<name>_pairwise.jsonl``."""
+    from hhdpo.config import run_paths
+
+    paths = run_paths(cfg)
+    out = {}
+    for name in names:
+        out[name] = paths.eval / f"{name}_pairwise.jsonl"
+        stats = make_pairwise(paths.gen_out(name), out[name], shuffle_ab=cfg.eval.shuffle_ab, seed=cfg.eval.seed,
+                              a_id=name)
+        log(f"[pairwise] {name}: {stats['n']} pairs, {stats['swapped']} swapped -> {out[name]}")
+    return out
 
 
 def cli(argv: list[str]) -> int:
-    from hhdpo.config import ConfigError, load_config
+    from hhdpo.stage import StageParser, load_stage_config, run_stage
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    try:
-        ev = load_config(known.config).eval if known.config else None
-    except ConfigError as e:
-        print(f"hhdpo pairwise: {e}", file=sys.stderr)
-        return 2
-    args = build_parser(ev).parse_args(argv)
-    try:
-        stats = make_pairwise(args.in_file, args.out_file, shuffle_ab=args.shuffle_ab, seed=args.seed,
+    p = StageParser(
+        "hhdpo pairwise", "Build A/B pairwise JSONL files (model response vs HH chosen) from generation files.\n\n"
+        "  hhdpo pairwise --config run/config.yaml [--models policy,base]   # <eval dir>/<name>_pairwise.jsonl\n"
+        "  hhdpo pairwise --in_file gen.jsonl --out_file pw.jsonl --shuffle_ab   # one file, the seed's flags",
+        config_required=False, config_help="YAML config: eval.shuffle_ab / eval.seed and the run's paths")
+    p.flag("models", default=None, metavar="NAMES", help="comma-separated model names (default: policy,base)")
+    p.flag("in_file", default=None, help="generation JSONL for ONE model (instead of the config's files)")
+    p.flag("out_file", default=None, help="pairwise JSONL to write (atomically); needs --in_file")
+    p.key_flag("shuffle_ab", "eval.shuffle_ab", boolean=True,
+               help="swap A/B per pair with p=0.5, deterministically from (seed, idx); off without --config, "
+                    "as in the seed")
+    p.key_flag("seed", "eval.seed", help="seed for the A/B swap")
+    p.flag("a_id", default=None, help="label of the model side (default: each record's model_id)")
+    p.flag("b_id", default=None, help=f"label of the HH chosen side (default: {CHOSEN_ID})")
+    p.flag("keep_meta", action="store_true", help="copy the generation record's other fields too")
+    args = p.parse(argv)
+    if args.config is None:  # the seed's pairwise did not shuffle unless asked
+        args.overrides.insert(0, "eval.shuffle_ab=false")
+    if (args.in_file is None) != (args.out_file is None):
+        p.error("--in_file and --out_file go together")
+    if args.in_file is None and args.config is None:
+        p.error("give --config (the run's files) or --in_file/--out_file")
+
+    def body() -> None:
+        cfg = load_stage_config(args)
+        if args.in_file is None:
+            names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else ["policy", "base"]
+            pairwise_run(cfg, names)
+            return
+        stats = make_pairwise(args.in_file, args.out_file, shuffle_ab=cfg.eval.shuffle_ab, seed=cfg.eval.seed,
                               a_id=args.a_id, b_id=args.b_id, keep_meta=args.keep_meta)
-    except DataError as e:
-        print(f"hhdpo pairwise: {e}", file=sys.stderr)
-        return 1
-    n = stats["n"]
-    print(f"[OK] wrote {n} pairs -> {stats['out_file']} | swapped={stats['swapped']} "
-          f"({stats['swapped'] / max(1, n):.1%})")
-    return 0
+        n = stats["n"]
+        print(f"[OK] wrote {n} pairs -> {stats['out_file']} | swapped={stats['swapped']} "
+              f"({stats['swapped'] / max(1, n):.1%})")
+
+    return run_stage("hhdpo pairwise", body)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ class _BoolKeyAlias(_KeyAlias):
 
     def __init__(self, option_strings, dest, key: str, **kw):
         opts = list(option_strings)
-        for o in option_strings:
-            opts.append("--no_" + o[2:] if "_" in o else "--no-" + o[2:])
+        for o in option_strings:  # argparse's own --no-shuffle_ab, plus --no-shuffle-ab and --no_shuffle_ab
+            for neg in ("--no-" + o[2:], "--no_" + o[2:] if "_" in o else None):
+                if neg and neg not in opts:
+                    opts.append(neg)
         super().__init__(opts, dest, key, nargs=0, **kw)
 
     def __call__(self, parser, ns, values, option_string=None):

@@ -16,7 +16,6 @@ saved ``hf auth login``); ``HF_ENDPOINT`` is honoured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,14 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from hhdpo.config import Config, ConfigError, load_config, redact, run_paths
+from hhdpo.config import Config, redact, run_paths
+from hhdpo.errors import BadInput
 
 # run state that lives in save_dir but is not part of the model
 _NOT_MODEL_FILES = {"metrics.jsonl", "run_state.json", "README.md"}
 
 
-class UploadError(RuntimeError):
-    """Nothing was uploaded; the message says why."""
+class UploadError(BadInput):
+    """Nothing was uploaded (bad input: no token, no repo, not a model directory); the message says why."""
 
 
 @dataclass
@@ -263,47 +263,47 @@ def _resolve_sources(args, cfg: Config) -> Sources:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="hhdpo upload",
-        description="Upload the trained model (with a generated model card) and the run's logs to the "
-                    "Hugging Face Hub. Needs HF_TOKEN unless --dry-run.")
-    p.add_argument("--config", help="YAML config (default: <model_dir>/config.yaml saved by training, if any)")
-    p.add_argument("--model_dir", help="trained model directory (default: dpo_training.save_dir)")
-    p.add_argument("--model_repo", help="model repo id, e.g. me/dpo-smollm2 (default: huggingface.model_repo)")
-    p.add_argument("--logs_repo", help="logs repo id, a dataset repo (default: huggingface.logs_repo)")
-    p.add_argument("--margins_dir", help="margins log dir (default: tail_test.log_dir, relative to model_dir)")
-    p.add_argument("--metrics", help="metrics JSONL (default: <model_dir>/metrics.jsonl)")
-    p.add_argument("--eval_dir", help="eval outputs dir (default: eval.out_dir)")
-    p.add_argument("--summary", help="summary JSON from `hhdpo summarize --out_json` (default: <eval_dir>/summary.json)")
-    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                   help="create the repos private (default: huggingface.private)")
-    p.add_argument("--only", choices=("model", "logs"), default=None, help="upload only one of the two repos")
-    p.add_argument("--commit-message", dest="commit_message", default="Upload from hhdpo", help="commit message")
-    p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="list what would be uploaded (files, sizes) and exit; needs no token")
-    args = p.parse_args(argv)
-    try:
-        cfg_path = args.config
-        if cfg_path is None and args.model_dir and (Path(args.model_dir) / "config.yaml").is_file():
-            cfg_path = Path(args.model_dir) / "config.yaml"
-        cfg = load_config(cfg_path)
+    from hhdpo.stage import StageParser, load_stage_config, run_stage
+
+    p = StageParser(
+        "hhdpo upload", "Upload the trained model (with a generated model card) and the run's logs to the "
+        "Hugging Face Hub. Needs HF_TOKEN unless --dry-run.", config_required=False,
+        config_help="YAML config (default: <model_dir>/config.yaml saved by training, if any)")
+    p.flag("model_dir", help="trained model directory (default: dpo_training.save_dir)")
+    p.key_flag("model_repo", "huggingface.model_repo", help="model repo id, e.g. me/dpo-smollm2")
+    p.key_flag("logs_repo", "huggingface.logs_repo", help="logs repo id, a dataset repo")
+    p.flag("margins_dir", help="margins log dir (default: tail_test.log_dir, under the model dir)")
+    p.flag("metrics", help="metrics JSONL (default: <model_dir>/metrics.jsonl)")
+    p.flag("eval_dir", help="eval outputs dir (default: eval.out_dir)")
+    p.flag("summary", help="summary JSON from `hhdpo summarize` (default: <eval_dir>/summary.json)")
+    p.key_flag("private", "huggingface.private", boolean=True, help="create the repos private")
+    p.flag("only", choices=("model", "logs"), default=None, help="upload only one of the two repos")
+    p.flag("commit_message", default="Upload from hhdpo", help="commit message")
+    p.flag("dry_run", action="store_true", help="list what would be uploaded (files, sizes) and exit; needs no token")
+    args = p.parse(argv)
+    if args.config is None and args.model_dir and (Path(args.model_dir) / "config.yaml").is_file():
+        args.config = str(Path(args.model_dir) / "config.yaml")
+
+    def body() -> int:
+        cfg = load_stage_config(args)
         hf = cfg.huggingface
-        private = hf.private if args.private is None else args.private
-        targets = plan(_resolve_sources(args, cfg), args.model_repo or hf.model_repo,
-                       args.logs_repo or hf.logs_repo, args.only or "all")
-        print(describe(targets, private))
+        targets = plan(_resolve_sources(args, cfg), hf.model_repo, hf.logs_repo, args.only or "all")
+        print(describe(targets, hf.private))
         if args.dry_run:
             print("dry run: nothing uploaded")
             return 0
-        for url in upload(targets, private, get_token(), commit_message=args.commit_message):
+        try:
+            urls = upload(targets, hf.private, get_token(), commit_message=args.commit_message)
+        except BadInput:
+            raise
+        except Exception as e:  # Hub/HTTP errors: one readable line, never a token
+            print(f"hhdpo upload: upload failed: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
+            return 1
+        for url in urls:
             print(f"uploaded: {url}")
-    except (UploadError, ConfigError) as e:
-        print(f"hhdpo upload: {redact(str(e))}", file=sys.stderr)
-        return 1
-    except Exception as e:  # Hub/HTTP errors: one readable line, never a token
-        print(f"hhdpo upload: upload failed: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_stage("hhdpo upload", body)
 
 
 if __name__ == "__main__":

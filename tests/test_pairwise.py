@@ -113,7 +113,7 @@ def test_bad_input_names_file_and_line(tmp_path, capsys, bad_line, message):
     out = tmp_path / "pw.jsonl"
     with pytest.raises(DataError, match=rf"gen\.jsonl:3: .*{message}"):
         pairwise.make_pairwise(src, out)
-    assert pairwise.cli(["--in_file", str(src), "--out_file", str(out)]) == 1
+    assert pairwise.cli(["--in_file", str(src), "--out_file", str(out)]) == 2
     assert "gen.jsonl:3" in capsys.readouterr().err
     assert not out.exists()  # written atomically: no partial output
 

@@ -96,7 +96,7 @@ def test_missing_token_is_a_clear_error(run_dir, tmp_path):
     env["HF_HOME"] = str(tmp_path / "hf_home")  # no saved login either
     res = subprocess.run([sys.executable, "-m", "hhdpo.upload", "--model_dir", str(save), "--eval_dir", str(ev)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2  # bad input: the documented exit code
     assert "HF_TOKEN is not set" in res.stderr and "--dry-run" in res.stderr
 
 
@@ -132,5 +132,5 @@ def test_unconfigured_repo_and_non_model_dir_are_refused(run_dir, tmp_path, caps
         U.plan(U.Sources(save), None, None, "model")
     with pytest.raises(U.UploadError, match="no config.json"):
         U.plan(U.Sources(tmp_path / "nowhere"), "me/m", None, "model")
-    assert U.cli(["--model_dir", str(tmp_path), "--model_repo", "me/m", "--only", "model", "--dry-run"]) == 1
+    assert U.cli(["--model_dir", str(tmp_path), "--model_repo", "me/m", "--only", "model", "--dry-run"]) == 2
     assert "not a trained model directory" in capsys.readouterr().err
