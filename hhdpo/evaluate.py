@@ -13,27 +13,26 @@ local vLLM server for ``judge.serve_model`` (offline default).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from pathlib import Path
 
-from hhdpo.config import Config, ConfigError, load_config, redact, save_config
-from hhdpo.io import DataError, atomic_write_json, atomic_write_text
+from hhdpo.config import Config, run_paths, save_config
+from hhdpo.io import atomic_write_json, atomic_write_text
 
 
-def evaluate(cfg: Config, models: list[str] | None = None, backend: str | None = None, log=print) -> dict:
+def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
     """Run the evaluation chain for ``models`` (default policy and base); returns the summary."""
     from hhdpo.generate import generate, select_models
     from hhdpo.judge import JudgeSettings, judge_endpoint, judge_files
     from hhdpo.pairwise import make_pairwise
     from hhdpo.summarize import markdown, plot_png, summarize
 
-    out_dir = Path(cfg.eval.out_dir)
+    out_dir = run_paths(cfg).eval
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir, "eval_config.yaml", log=log)
 
-    gen_files = generate(cfg, select_models(cfg, models), backend=backend, log=log)
+    gen_files = generate(cfg, select_models(cfg, models), log=log)
     names = list(gen_files)
     pair_files = [out_dir / f"{n}_pairwise.jsonl" for n in names]
     judged_files = [out_dir / f"{n}_judged.jsonl" for n in names]
@@ -60,21 +59,19 @@ def evaluate(cfg: Config, models: list[str] | None = None, backend: str | None =
 
 
 def cli(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hhdpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML config (a run's saved config.yaml works)")
-    ap.add_argument("--models", help="comma-separated: policy, base and/or names from HH_test.models (default: policy,base)")
-    ap.add_argument("--backend", choices=["vllm", "transformers"], help="generation backend (default: HH_test.backend)")
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    args = ap.parse_args(argv)
-    from hhdpo.generate import GenerateError
+    from hhdpo.stage import StageParser, load_stage_config, run_stage
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        evaluate(cfg, args.models.split(",") if args.models else None, args.backend)
-    except (ConfigError, DataError, GenerateError) as e:
-        print(f"hhdpo eval: error: {redact(str(e))}", file=sys.stderr)
-        return 2
-    return 0
+    ap = StageParser("hhdpo eval", __doc__, config_help="YAML config (a run's saved config.yaml works)")
+    ap.flag("models", metavar="NAMES",
+            help="comma-separated: policy, base and/or names from HH_test.models (default: policy,base)")
+    ap.key_flag("backend", "HH_test.backend", help="generation backend: vllm or transformers")
+    args = ap.parse(argv)
+
+    def body() -> None:
+        cfg = load_stage_config(args)
+        evaluate(cfg, args.models.split(",") if args.models else None)
+
+    return run_stage("hhdpo eval", body)
 
 
 if __name__ == "__main__":
