@@ -16,6 +16,7 @@ ARGS    ?=
 # Local HH file(s) for offline runs; empty means the Hub dataset named in the config.
 HH_DATA ?= $(firstword $(wildcard ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz))
 DEMO_DIR ?= runs/demo
+HHDPO   := $(VENV)/bin/hhdpo
 EXTRA   ?= cpu
 
 ifneq ($(strip $(HH_DATA)),)
@@ -41,18 +42,17 @@ test-fast:
 	$(PY) -m pytest -q tests -m "not slow"
 
 train:
-	$(VENV)/bin/hhdpo train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) $(ARGS)
+	$(HHDPO) train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) $(ARGS)
 
-# The demo trains on the first 90% of the HH file and evaluates on the last 10%.
+# The demo trains on the first 90% of the HH file and evaluates on the last 10%, all under
+# $(DEMO_DIR): model/ (weights, config.yaml, metrics, checkpoints, margins, report) and eval/.
 demo:
-	$(VENV)/bin/hhdpo train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) \
-		dataset.subset='train[:90%]' dpo_training.save_dir=$(DEMO_DIR) $(ARGS)
-	$(VENV)/bin/hhdpo eval --config $(DEMO_DIR)/config.yaml $(DATA_ARGS) HH_test.split='test[90%:]' \
-		HH_test.HH_test_policy_out=$(DEMO_DIR)/eval/policy_out.jsonl HH_test.HH_test_base_out=$(DEMO_DIR)/eval/base_out.jsonl \
-		eval.out_dir=$(DEMO_DIR)/eval
+	$(HHDPO) train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) \
+		dataset.subset='train[:90%]' run_dir=$(DEMO_DIR) $(ARGS)
+	$(HHDPO) eval --config $(DEMO_DIR)/model/config.yaml $(DATA_ARGS) HH_test.split='test[90%:]'
 
 eval:
-	$(VENV)/bin/hhdpo eval --config $(CONFIG) $(DATA_ARGS) $(ARGS)
+	$(HHDPO) eval --config $(CONFIG) $(DATA_ARGS) $(ARGS)
 
 bench:
 	$(PY) bench/train_throughput.py $(if $(HH_DATA),--data $(HH_DATA))

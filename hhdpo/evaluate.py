@@ -25,7 +25,7 @@ def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
     """Run the evaluation chain for ``models`` (default policy and base); returns the summary."""
     from hhdpo.generate import generate, select_models
     from hhdpo.judge import JudgeSettings, judge_endpoint, judge_files
-    from hhdpo.pairwise import make_pairwise
+    from hhdpo.pairwise import pairwise_run
     from hhdpo.summarize import markdown, plot_png, summarize
 
     out_dir = run_paths(cfg).eval
@@ -34,11 +34,8 @@ def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
 
     gen_files = generate(cfg, select_models(cfg, models), log=log)
     names = list(gen_files)
-    pair_files = [out_dir / f"{n}_pairwise.jsonl" for n in names]
+    pair_files = list(pairwise_run(cfg, names, log=log).values())
     judged_files = [out_dir / f"{n}_judged.jsonl" for n in names]
-    for name, src, dst in zip(names, gen_files.values(), pair_files):
-        stats = make_pairwise(src, dst, shuffle_ab=cfg.eval.shuffle_ab, seed=cfg.eval.seed, a_id=name)
-        log(f"[eval] pairwise {name}: {stats}")
 
     settings = JudgeSettings.from_config(cfg.judge)
     with judge_endpoint(cfg.judge.base_url, settings.model, cfg.judge.serve_model,
