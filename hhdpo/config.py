@@ -26,7 +26,7 @@ import yaml
 
 from hhdpo.errors import BadInput
 
-SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "HHDPO_JUDGE_API_KEY")
 
 
 class ConfigError(BadInput):
@@ -198,6 +198,7 @@ class WandbConfig:
 class JudgeConfig:
     model: str = "gpt-4o-mini"
     base_url: Optional[str] = None  # any OpenAI-compatible server; None = OpenAI, or a local vLLM judge
+    api_key_env: str = "HHDPO_JUDGE_API_KEY"  # env var with the key for a base_url other than api.openai.com; unset = no Authorization header
     api: str = "responses"  # responses | chat
     template: str = "strict"  # strict (seed) | dpo (DPO paper)
     concurrency: int = 16
@@ -206,16 +207,25 @@ class JudgeConfig:
     max_requests: Optional[int] = None  # budget caps: stop cleanly when reached
     max_tokens: Optional[int] = None
     max_output_tokens: int = 512
-    temperature: float = 0.0
+    temperature: Optional[float] = 0.0  # null = not sent (models that refuse it)
     both_orders: bool = False
     serve_model: str = "smollm2"  # model served locally when no key and no base_url
 
     def _checks(self):
+        yield "base_url", self.base_url is None or re.match(r"^https?://[^/\s]", self.base_url) is not None, \
+            "null or an http(s):// URL"
+        # OPENAI_API_KEY goes to api.openai.com only, never to another endpoint
+        yield "api_key_env", re.match(r"^[A-Za-z_]\w*$", self.api_key_env) is not None \
+            and self.api_key_env != "OPENAI_API_KEY", "an environment variable name other than OPENAI_API_KEY"
         yield "api", self.api in ("responses", "chat"), "one of responses, chat"
         yield "template", self.template in ("strict", "dpo"), "one of strict, dpo"
         yield "concurrency", self.concurrency >= 1, "an integer >= 1"
         yield "max_retries", self.max_retries >= 0, "an integer >= 0"
         yield "timeout", self.timeout > 0, "a number > 0"
+        yield "max_requests", self.max_requests is None or self.max_requests >= 1, "null or an integer >= 1"
+        yield "max_tokens", self.max_tokens is None or self.max_tokens >= 1, "null or an integer >= 1"
+        yield "max_output_tokens", self.max_output_tokens >= 1, "an integer >= 1"
+        yield "temperature", self.temperature is None or self.temperature >= 0, "null or a number >= 0"
 
 
 @dataclass
