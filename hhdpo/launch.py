@@ -1,11 +1,13 @@
 """Process-group plumbing: join torchrun/srun, or become torchrun.
 
 - Under ``torchrun`` (RANK/WORLD_SIZE set): join its process group.
-- Under ``srun`` with one task per rank (SLURM_PROCID/SLURM_NTASKS set, no RANK): derive
-  RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous address from SLURM's environment.
+- Inside an ``srun`` step with one task per rank (SLURM_STEP_NUM_TASKS >= 2, no RANK): derive
+  RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous address (first host of the step's node list,
+  a port from the job id) from SLURM's environment.
 - Otherwise ``hhdpo train`` re-executes itself under ``torch.distributed.run`` with
-  ``--nproc-per-node`` workers, forwarding SIGTERM/SIGUSR2 so a preempted job still
-  checkpoints, and returns the trainer's own exit status (torchrun collapses it to 1).
+  ``--nproc-per-node`` workers, forwarding SIGTERM/SIGUSR2 (torchrun passes them on to every
+  worker and waits for the checkpoint) and returns the trainer's own exit status (torchrun
+  collapses it to 1, so the status the workers wrote to ``run_state.json`` decides: 0, 2 or 42).
 """
 
 from __future__ import annotations
@@ -26,26 +28,60 @@ def in_distributed_env() -> bool:
 
 
 def adopt_slurm_env() -> bool:
-    """Map srun's per-task environment onto torch.distributed's; True if it applied."""
+    """Map an srun step's per-task environment onto torch.distributed's; True if it applied.
+
+    Only inside an srun step with several tasks (``SLURM_STEP_NUM_TASKS`` >= 2): a batch script
+    also has ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N`` before any srun, and adopting those would
+    make it wait as rank 0 of N for ranks that never start.
+    """
+    from hhdpo.config import ConfigError
+
     env = os.environ
-    if in_distributed_env() or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+    if in_distributed_env() or "SLURM_PROCID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) < 2:
         return False
     env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    node = int(env.get("SLURM_NODEID", "0"))
+    env["LOCAL_WORLD_SIZE"] = str(expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"))[node])
     if "MASTER_ADDR" not in env:
-        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        env["MASTER_ADDR"] = nodes[0]
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                   capture_output=True, text=True, check=True).stdout.split()
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise ConfigError(f"under srun: cannot expand SLURM_STEP_NODELIST={nodelist!r} with `scontrol show "
+                              f"hostnames` ({e}); set MASTER_ADDR to the first node's address") from None
+        env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", str(rendezvous_port(int(env.get("SLURM_JOB_ID", "0")))))
     return True
 
 
-def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Path | None) -> int:
+def rendezvous_port(job_id: int) -> int:
+    """A port per job in [20000, 32000): below Linux's ephemeral range (32768+), so no client socket holds it."""
+    return 20000 + job_id % 12000
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's compressed tasks-per-node list, e.g. ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    out = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        out += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return out
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
+
+
+def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Path | None,
+                       shutdown_timeout: int = 900) -> int:
     """Run ``python -m module argv`` as ``nproc`` torchrun workers on this node."""
+    # torchrun forwards only SIGTERM/INT/HUP/QUIT by default, and SIGKILLs workers 30 s after one:
+    # let SIGUSR2 through too, and give the workers time to finish a step and save a checkpoint
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", module, *argv]
+           f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}",
+           f"--shutdown-timeout={shutdown_timeout}", "-m", module, *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
     started = time.time()
     proc = subprocess.Popen(cmd, env=env)
@@ -53,7 +89,7 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     def forward(signum, _frame):
         proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
+    old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         rc = proc.wait()
     finally:

@@ -13,15 +13,10 @@ Exit status: 0 done, 2 bad config/input, 42 preempted (checkpoint saved; requeue
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
-import hashlib
-import json
-import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -31,22 +26,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hhdpo.config import Config, ConfigError, config_reference, load_config, run_paths, save_config
-from hhdpo.data import collate_groups, load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
+from hhdpo import checkpoint as ckpt
+from hhdpo.checkpoint import find_resume_checkpoint
+from hhdpo.config import Config, ConfigError, config_reference, redact, run_paths, save_config
+from hhdpo.data import load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
+from hhdpo.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted
+from hhdpo.forward import pair_batch, response_logps
 from hhdpo.io import DataError, atomic_write_json
-from hhdpo.launch import EXIT_PREEMPTED, adopt_slurm_env, in_distributed_env, run_under_torchrun
-from hhdpo.loss import implicit_margins, packed_sequence_logps, preference_loss, scored_positions, token_logps
-from hhdpo.metrics import MetricsLogger, truncate_after_step
-from hhdpo.models import (ModelError, cache_dir, decoder_layer_classes, lm_head_only_at, load_model, load_tokenizer,
-                          resolve_model)
+from hhdpo.launch import adopt_slurm_env, in_distributed_env, run_under_torchrun
+from hhdpo.loss import implicit_margins, preference_loss
+from hhdpo.metrics import PAIR_SUMS, MetricsLogger, add_step, eval_record, pair_sums, train_record, truncate_after_step
+from hhdpo.models import ModelError, cache_dir, decoder_layer_classes, load_model, load_tokenizer, resolve_model
+from hhdpo.optim import make_optimizer, optimizer_step
+from hhdpo.ref_logps import cache_file, cached_or_computed, compute_all, ref_cache_key
+from hhdpo.models import load_sharded, meta_model, warn_if_cpu_bf16_emulated
 from hhdpo.stage import StageParser, load_stage_config, run_stage
 from hhdpo.tail import TailTest
-
-CKPT_PREFIX = "step_"
-
-
-class Preempted(Exception):
-    pass
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -56,6 +51,9 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
 
 def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
     """Device, process-group backend and compute dtype, decided at run time."""
+    if cfg.precision == "fp16":
+        # fp16 gradients underflow without loss scaling, and there is no FSDP2-aware scaler here
+        raise ConfigError("precision: fp16 is not supported for training (no loss scaling); use bf16 (or fp32)")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -63,43 +61,10 @@ def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
     else:
         device = torch.device("cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    if not use_cuda and dtype == torch.bfloat16 and os.environ.get("LOCAL_RANK", "0") == "0":
+        warn_if_cpu_bf16_emulated()  # once per node: the ranks share the CPU
     return device, ("nccl" if use_cuda else "gloo"), dtype
-
-
-def lr_lambda(warmup: int, total: int, kind: str):
-    """Linear warmup, then constant, linear-to-zero or cosine-to-zero."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Checkpoints whose meta.json exists (written last), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    r = cfg.checkpoint.resume
-    if r == "never":
-        return None
-    if r == "auto":
-        ckpts = complete_checkpoints(run_paths(cfg).ckpt)
-        return ckpts[-1] if ckpts else None
-    p = Path(r)
-    if not (p / "meta.json").is_file():
-        raise ConfigError(f"checkpoint.resume: got {r!r}, expected auto, never or a complete checkpoint directory")
-    return p
 
 
 def preflight(cfg: Config) -> None:
@@ -129,19 +94,27 @@ class DPOTrainer:
         only to its own longest row, split to minimise padded tokens plus a per-forward cost
         (``group_by_length``; on by default for one process).
       - Frozen reference model sharded the same way, or reference log-probs precomputed
-        once and cached on disk (``precompute_ref_log_probs``).
+        once and cached on disk (``precompute_ref_log_probs``; keyed on the token ids, the
+        reference weights, dtype and averaging; rank 0 decides a cache hit; ``hhdpo.ref_logps``).
       - Precision: fp32 on CPU; bf16 compute with fp32 master weights, gradients
         reduced in fp32 and fp32 (fused) AdamW state on GPU (``MixedPrecisionPolicy``).
-      - Losses: sigmoid/cDPO, robust, hinge, IPO, reference-free; summed or length-averaged log-probs.
+      - Losses: sigmoid/cDPO, robust, hinge, IPO, reference-free (``hhdpo.loss``); summed or
+        length-averaged log-probs (averaged by default for IPO).
       - Gradient accumulation (gradient sync only on the last micro-batch), clipping,
         linear warmup then constant/linear/cosine decay, activation checkpointing.
       - Tail test on all-gathered margins with optional adaptive beta (``hhdpo.tail``).
-      - Metrics to ``metrics.jsonl``, W&B (rank 0) and a tqdm bar; validation every ``eval_steps``.
+      - Metrics (names in ``hhdpo.metrics``) to ``metrics.jsonl``, W&B (rank 0) and a tqdm bar;
+        validation every ``eval_steps`` and at the end (skipped, said once, when the
+        validation split is smaller than one batch across ranks).
       - DCP sharded checkpoints every ``save_steps`` holding model, optimizer, scheduler,
-        data position, RNG, tail-test state and beta; ``resume: auto`` picks the newest
-        complete one; SIGTERM/SIGUSR2 finish the step, save and exit 42.
-      - Final Hugging Face directory (safetensors, config, tokenizer, chat template)
-        gathered from the shards, loadable by ``from_pretrained`` and vLLM.
+        data position, RNG, tail-test state and beta (``hhdpo.checkpoint``); ``resume: auto``
+        picks the newest complete one; resuming an older one explicitly sets the later ones
+        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step, save and exit 42.
+      - Final Hugging Face directory (safetensors, config, tokenizer, chat template, the base
+        model's generation config) gathered from the shards, loadable by ``from_pretrained``
+        and vLLM; weight files of an earlier export are replaced, not left beside it.
+      - Bad input found inside a worker (too few pairs, ...): run_state.json says
+        ``bad_input`` and the process exits 2 without a traceback.
     """
 
     def __init__(self, cfg: Config):
@@ -174,6 +147,11 @@ class DPOTrainer:
             raise DataError(f"{len(self.train_idx)} training pairs are too few for {self.world} ranks x batch_size "
                             f"{t.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}")
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        # validation runs whole batches on every rank; fewer pairs than that cannot make one
+        self.validates = len(self.val_idx) >= self.world * t.batch_size
+        if not self.validates:
+            self._log(f"[train] no validation: {len(self.val_idx)} validation pairs (dataset.val_ratio={ds.val_ratio}) "
+                      f"are fewer than one batch across ranks ({self.world} x batch_size {t.batch_size})")
         # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks)
         self.group_by_length = t.group_by_length if t.group_by_length is not None else self.world == 1
 
@@ -186,9 +164,7 @@ class DPOTrainer:
                 self.ref_logps = self._precomputed_ref_logps()
             else:
                 self.ref, _, _ = self._build_model(cfg.ref_model_path, trainable=False)
-        # fused: one kernel over all parameters (2.7x faster step than foreach on CPU; on DTensors too)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, self.total_steps, t.lr_scheduler))
+        self.opt, self.sched = make_optimizer(self.policy, t, self.total_steps)
 
         tail_warmup = cfg.tail_test.warmup_steps if cfg.tail_test.warmup_steps is not None else t.warmup_steps
         self.tail = TailTest(cfg.tail_test, tail_warmup, t.dpo_beta, self.paths.tail if self.is_main else None)
@@ -199,7 +175,7 @@ class DPOTrainer:
         self.window: dict[str, float] = {}
         self.last_saved_step = -1
         if resume_from is not None:
-            self._load_checkpoint(resume_from)
+            self._resume(resume_from)
         if self.is_main:
             save_config(cfg, self.paths.save, previous_tag=f"before_step_{self.step:07d}", log=self._log)
             for name in ("global_margins_log.jsonl", "global_tail_test_and_beta_log.jsonl"):
@@ -224,24 +200,27 @@ class DPOTrainer:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # fp32 master weights always; bf16/fp16 only as FSDP's compute dtype
-        model = load_model(spec, dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code)
+        # fp32 master weights for training (bf16 only as FSDP's compute dtype); a frozen model needs no fp32 copy
+        dtype = torch.float32 if trainable else self.dtype
+        trc = self.cfg.trust_remote_code
+        # sharded: no rank holds the weights in host RAM; rank 0 streams them into the shards below
+        model = meta_model(spec, dtype, trc) if self.world > 1 else load_model(spec, dtype=dtype, trust_remote_code=trc)
         hf_config = copy.deepcopy(model.config)
         arch = type(model).__name__
         model.config.use_cache = False
         if trainable and self.cfg.dpo_training.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.to(self.device)
         if self.world > 1:
             mesh = init_device_mesh(self.device.type, (self.world,))
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype != torch.float32 else MixedPrecisionPolicy()
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if dtype != self.dtype else MixedPrecisionPolicy()
             layer_cls = decoder_layer_classes(model, self.cfg.dpo_training.fsdp_layer_cls)
             for module in model.modules():
                 if isinstance(module, layer_cls):
                     fully_shard(module, mesh=mesh, mp_policy=mp)
             fully_shard(model, mesh=mesh, mp_policy=mp)
-        elif not trainable:
-            model.to(self.dtype)  # a frozen model needs no fp32 master copy
+            load_sharded(model, spec, self.device)
+        else:
+            model.to(self.device)
         model.train(trainable)
         if not trainable:
             model.requires_grad_(False)
@@ -250,31 +229,12 @@ class DPOTrainer:
     # ------------------------------------------------------------------ forward
 
     def _batch(self, idxs: list[int]) -> dict:
-        groups = collate_groups([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length)
-        groups = [{k: v.to(self.device, non_blocking=True) for k, v in g.items()} for g in groups]
-        return {"groups": groups, "n": len(idxs), "tokens": sum(g["attention_mask"].sum() for g in groups)}
-
-    def _autocast(self):
-        # FSDP casts parameters itself; a single unwrapped process uses autocast for bf16/fp16
-        if self.world == 1 and self.dtype != torch.float32:
-            return torch.autocast(self.device.type, dtype=self.dtype)
-        return contextlib.nullcontext()
+        return pair_batch([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length, self.device)
 
     def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed (or averaged) response log-probs of the chosen and rejected rows of ``batch``."""
-        logps, rows = [], []
-        for g in batch["groups"]:
-            at = scored_positions(g["labels"])
-            with self._autocast(), lm_head_only_at(model, at):
-                logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], use_cache=False).logits
-            if logits.dim() != 2:
-                raise RuntimeError(f"{type(model).__name__} does not call its output embedding on the hidden states; "
-                                   "the response-only LM head cannot be used with it")
-            logps.append(token_logps(logits, g["labels"][:, 1:][at[:, :-1]]))
-            rows.append(g["rows"][:, None].expand_as(at)[at])
-        n = batch["n"]
-        lp = packed_sequence_logps(torch.cat(logps), torch.cat(rows), 2 * n, self.cfg.dpo_training.average_log_prob)
-        return lp[:n], lp[n:]
+        # FSDP casts parameters itself; a single unwrapped process uses autocast for bf16
+        autocast = self.dtype if self.world == 1 and self.dtype != torch.float32 else None
+        return response_logps(model, batch, self.cfg.dpo_training.average_log_prob, autocast)
 
     def _ref(self, idxs: list[int], batch: dict):
         if self.cfg.dpo_training.reference_free:
@@ -287,44 +247,19 @@ class DPOTrainer:
             return self._logps(self.ref, batch)
 
     def _precomputed_ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs of every pair, computed once and cached on disk."""
-        cfg, ds = self.cfg, self.cfg.dataset
-        ref_path = Path(resolve_model(cfg.ref_model_path))
-        weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in ref_path.glob("*.safetensors")) if ref_path.is_dir() else []
-        key = hashlib.sha256(json.dumps([
-            str(ref_path), weights, ds.dataset_name, ds.subset, ds.data_dirs, ds.max_len, ds.max_prompt_len,
-            ds.use_chat_template, len(self.examples), cfg.dpo_training.average_log_prob, str(self.dtype),
-        ]).encode()).hexdigest()[:16]
-        cache = cache_dir() / "ref_logps" / f"{key}.pt"
-        if cache.is_file():
-            self._log(f"[train] reference log-probs from cache {cache}")
-            c, r = torch.load(cache)
-            return c, r
-        ref, _, _ = self._build_model(cfg.ref_model_path, trainable=False)
-        n, bs = len(self.examples), self.cfg.dpo_training.batch_size
-        chunk = math.ceil(n / self.world)
-        mine = list(range(self.rank * chunk, min(n, (self.rank + 1) * chunk)))
-        mine += [0] * (chunk - len(mine))  # equal forward counts keep FSDP collectives in step
-        out = torch.zeros(2, chunk, device=self.device)
-        from tqdm.auto import tqdm
+        """Reference log-probs of every pair, computed once and cached on disk (``hhdpo.ref_logps``)."""
+        t = self.cfg.dpo_training
+        key = ref_cache_key(self.examples, resolve_model(self.cfg.ref_model_path), self.dtype, t.average_log_prob)
 
-        with torch.no_grad():
-            for s in tqdm(range(0, chunk, bs), desc="ref log-probs", disable=not self.is_main):
-                idxs = mine[s:s + bs]
-                c, r = self._logps(ref, self._batch(idxs))
-                out[0, s:s + len(idxs)], out[1, s:s + len(idxs)] = c.float(), r.float()
-        gathered = [torch.zeros_like(out) for _ in range(self.world)]
-        dist.all_gather(gathered, out)
-        allc = torch.cat([g[0] for g in gathered])[:n].cpu()
-        allr = torch.cat([g[1] for g in gathered])[:n].cpu()
-        del ref
-        gc.collect()  # FSDP wrappers hold reference cycles; free the model's memory now
-        if self.is_main:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save((allc, allr), tmp)
-            os.replace(tmp, cache)
-        return allc, allr
+        def compute():
+            ref, _, _ = self._build_model(self.cfg.ref_model_path, trainable=False)
+            out = compute_all(len(self.examples), t.batch_size, lambda idxs: self._logps(ref, self._batch(idxs)),
+                              self.device, progress=self.is_main)
+            del ref
+            gc.collect()  # FSDP wrappers hold reference cycles; free the model's memory now
+            return out
+
+        return cached_or_computed(cache_file(cache_dir(), key), len(self.examples), compute, self.device, self._log)
 
     # ------------------------------------------------------------------ training
 
@@ -332,7 +267,7 @@ class DPOTrainer:
         """One optimizer step over ``group`` micro-batches; returns summed stats and local margins."""
         t = self.cfg.dpo_training
         ga = len(group)
-        sums = torch.zeros(8, device=self.device, dtype=torch.float64)
+        sums = torch.zeros(len(PAIR_SUMS) + 2, device=self.device, dtype=torch.float64)  # + pairs, tokens
         margins = []
         for i, idxs in enumerate(group):
             batch = self._batch(idxs)
@@ -343,72 +278,37 @@ class DPOTrainer:
             losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
             (losses.mean() / ga).backward()
             margins.append(implicit_margins(pc, pr, rc, rr).float())
-            sums += torch.stack([
-                losses.detach().sum(), cr.sum(), rj.sum(), (cr > rj).float().sum(), pc.detach().sum(), pr.detach().sum(),
-                torch.tensor(float(len(idxs)), device=self.device), batch["tokens"],
-            ]).double()
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+            sums += torch.cat([pair_sums(losses, cr, rj, pc, pr),
+                               torch.stack([torch.tensor(float(len(idxs)), device=self.device), batch["tokens"]]).double()])
+        grad_norm, lr = optimizer_step(self.policy, self.opt, self.sched, t.max_grad_norm)
         dist.all_reduce(sums)
         local = torch.cat(margins)
         gathered = torch.zeros(self.world * local.numel(), device=self.device, dtype=local.dtype)
         _all_gather(gathered, local)
-        s = sums.tolist()
-        stats = {"loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2], "rewards/accuracies": s[3],
-                 "logps/chosen": s[4], "logps/rejected": s[5], "n": s[6], "tokens": s[7],
-                 "grad_norm": float(grad_norm), "lr": lr}
+        *s, n, tokens = sums.tolist()
+        stats = {**dict(zip(PAIR_SUMS, s)), "n": n, "tokens": tokens, "grad_norm": grad_norm, "lr": lr}
         return stats, gathered.cpu().numpy()
 
-    def _accumulate(self, stats: dict, seconds: float) -> None:
-        w = self.window
-        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "n", "tokens"):
-            w[k] = w.get(k, 0.0) + stats[k]
-        w["grad_norm_sum"] = w.get("grad_norm_sum", 0.0) + stats["grad_norm"]
-        w["steps"] = w.get("steps", 0) + 1
-        w["seconds"] = w.get("seconds", 0.0) + seconds
-        w["lr"] = stats["lr"]
-
-    def _flush_window(self) -> dict:
-        w, self.window = self.window, {}
-        n = w["n"]
-        rec = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / max(1, self.steps_per_epoch * self.cfg.dpo_training.gradient_accumulation_steps)}
-        rec["loss"] = w["loss"] / n
-        for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
-            rec[k] = w[k] / n
-        rec["rewards/margins"] = rec["rewards/chosen"] - rec["rewards/rejected"]
-        rec["grad_norm"] = w["grad_norm_sum"] / w["steps"]
-        rec["lr"] = w["lr"]
-        rec["beta"] = self.beta
-        rec["tokens/s"] = w["tokens"] / max(w["seconds"], 1e-9)
-        return rec
+    def _epoch_progress(self) -> float:
+        return self.epoch + self.batch_in_epoch / max(1, self.steps_per_epoch * self.cfg.dpo_training.gradient_accumulation_steps)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Validation record (keys ``hhdpo.metrics.EVAL_KEYS``); only when ``self.validates``."""
         t = self.cfg.dpo_training
-        if len(self.val_idx) < self.world * t.batch_size:
-            return {}
         self.policy.eval()
-        sums = torch.zeros(5, device=self.device, dtype=torch.float64)
+        sums = torch.zeros(len(PAIR_SUMS) + 1, device=self.device, dtype=torch.float64)  # + pairs
         for local in rank_batches(len(self.val_idx), t.batch_size, self.rank, self.world, 0, self.cfg.dataset.seed):
             idxs = [int(self.val_idx[i]) for i in local]
             batch = self._batch(idxs)
             pc, pr = self._logps(self.policy, batch)
             rc, rr = self._ref(idxs, batch)
             losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
-            sums += torch.stack([losses.sum(), cr.sum(), rj.sum(), (cr > rj).float().sum(),
-                                 torch.tensor(float(len(idxs)), device=self.device)]).double()
+            sums += torch.cat([pair_sums(losses, cr, rj, pc, pr), torch.tensor([float(len(idxs))], device=self.device).double()])
         self.policy.train()
         dist.all_reduce(sums)
-        s = sums.tolist()
-        n = s[4]
-        return {"step": self.step, "eval/loss": s[0] / n, "eval/rewards/chosen": s[1] / n, "eval/rewards/rejected": s[2] / n,
-                "eval/rewards/margins": (s[1] - s[2]) / n, "eval/rewards/accuracies": s[3] / n, "eval/n": int(n)}
+        *s, n = sums.tolist()
+        return eval_record(s, n, self.step)
 
     def train(self) -> int:
         """Run to ``total_steps``; returns the process exit status (0 or EXIT_PREEMPTED)."""
@@ -428,16 +328,17 @@ class DPOTrainer:
                     stats, margins = self.train_step(group)
                     self.step += 1
                     self.batch_in_epoch += ga
-                    self._accumulate(stats, time.perf_counter() - t0)
+                    add_step(self.window, stats, time.perf_counter() - t0)
                     if self.cfg.tail_test.enabled:
                         self.tail.update(margins, self.step, self.epoch)
                         self.beta = self.tail.beta
                     bar.update(1)
                     if self.step % t.log_steps == 0 or self.step == self.total_steps:
-                        rec = self._flush_window()
+                        rec = train_record(self.window, self.step, self._epoch_progress(), self.beta)
+                        self.window = {}
                         self.logger.log(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}", tps=f"{rec['tokens/s']:.0f}")
-                    if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
+                    if self.validates and t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
                         self.logger.log(self.evaluate())
                     if self.cfg.checkpoint.save_steps and self.step % self.cfg.checkpoint.save_steps == 0:
                         self.save_checkpoint()
@@ -446,8 +347,8 @@ class DPOTrainer:
                     self.epoch += 1
                     self.batch_in_epoch = 0
             bar.close()
-            ev = self.evaluate()
-            if ev:
+            if self.validates:
+                ev = self.evaluate()
                 self.logger.log(ev)
                 self._log("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float)))
             if self.last_saved_step != self.step:
@@ -477,53 +378,20 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        msd, osd = get_state_dict(self.policy, self.opt)
-        return {"model": msd, "optim": osd}
-
     def save_checkpoint(self) -> Path:
-        """DCP sharded checkpoint; written to a temp dir, meta.json last, then renamed."""
-        import torch.distributed.checkpoint as dcp
-
-        root = self.paths.ckpt
-        final = root / f"{CKPT_PREFIX}{self.step:07d}"
-        tmp = root / f".{final.name}.partial"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed job
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
-        dist.barrier()
-        if self.is_main:
-            # the data position as pairs used (not this run's micro-batch count): valid for any world/batch size
-            trainer = {"step": self.step, "epoch": self.epoch, "beta": self.beta,
-                       "pairs_in_epoch": self.batch_in_epoch * self.cfg.dpo_training.batch_size * self.world,
-                       "tail": self.tail.state_dict(), "scheduler": self.sched.state_dict(), "window": self.window,
-                       "world": self.world}
-            torch.save(trainer, tmp / "trainer_state.pt")
-            atomic_write_json(tmp / "meta.json", {"step": self.step, "epoch": self.epoch, "world": self.world, "time": time.time()})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in complete_checkpoints(root)[:-self.cfg.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        """Checkpoint this step (``hhdpo.checkpoint``); collective."""
+        # the data position as pairs used (not this run's micro-batch count): valid for any world/batch size
+        state = {"step": self.step, "epoch": self.epoch, "beta": self.beta,
+                 "pairs_in_epoch": self.batch_in_epoch * self.cfg.dpo_training.batch_size * self.world,
+                 "tail": self.tail.state_dict(), "scheduler": self.sched.state_dict(), "window": self.window,
+                 "world": self.world}
+        path = ckpt.save_checkpoint(self.paths.ckpt, self.step, self.policy, self.opt, state, self.cfg.checkpoint.keep_last)
         self.last_saved_step = self.step
-        self._log(f"[ckpt] saved {final}")
-        return final
+        self._log(f"[ckpt] saved {path}")
+        return path
 
-    def _load_checkpoint(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        tr = torch.load(path / "trainer_state.pt", weights_only=False)
+    def _resume(self, path: Path) -> None:
+        tr = ckpt.load_checkpoint(path, self.policy, self.opt)
         self.sched.load_state_dict(tr["scheduler"])
         self.step, self.epoch = tr["step"], tr["epoch"]
         self.batch_in_epoch, repeated = resume_batch_index(tr["pairs_in_epoch"], self.cfg.dpo_training.batch_size, self.world)
@@ -532,46 +400,20 @@ class DPOTrainer:
                       f"of this run's micro-batches; {repeated} of them are seen again")
         self.beta, self.window = tr["beta"], tr["window"]
         self.tail.load_state_dict(tr["tail"])
-        rng_file = path / f"rng_rank{self.rank}.pt"
-        if tr["world"] == self.world and rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
         self.last_saved_step = self.step
         self._log(f"[ckpt] resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
+        if self.is_main:
+            moved_to, later = ckpt.set_aside_later_checkpoints(self.paths.ckpt, path)
+            if later:
+                self._log(f"[ckpt] resumed from an older checkpoint: the later {', '.join(p.name for p in later)} "
+                          f"belong to an abandoned branch, moved to {moved_to}")
 
     def export_hf(self) -> Path:
-        """Gather the shards into a Hugging Face directory in save_dir (rank 0 writes)."""
-        from huggingface_hub import split_torch_state_dict_into_shards
-        from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """The final Hugging Face directory in save_dir (``hhdpo.checkpoint.export_hf``); collective."""
         save = self.paths.save
-        if self.is_main:
-            out_dtype = torch.float32 if self.dtype == torch.float32 else self.dtype
-            if getattr(self.hf_config, "tie_word_embeddings", False):
-                sd.pop("lm_head.weight", None)
-            sd = {k: v.to(out_dtype).contiguous() for k, v in sd.items()}
-            split = split_torch_state_dict_into_shards(sd, max_shard_size="5GB")
-            for fname, keys in split.filename_to_tensors.items():
-                tmp = save / f".{fname}.tmp"
-                save_file({k: sd[k] for k in keys}, str(tmp), metadata={"format": "pt"})
-                os.replace(tmp, save / fname)
-            if split.is_sharded:
-                atomic_write_json(save / "model.safetensors.index.json",
-                                  {"metadata": {}, "weight_map": split.tensor_to_filename})
-            cfg = copy.deepcopy(self.hf_config)
-            cfg.architectures = [self.arch]
-            cfg.dtype = out_dtype
-            cfg.use_cache = True
-            cfg.save_pretrained(save)
-            self.tokenizer.save_pretrained(save)
-            self._log(f"[train] saved Hugging Face model to {save}")
-        dist.barrier()
+        ckpt.export_hf(self.policy, self.hf_config, self.arch, self.tokenizer, self.dtype, save,
+                       resolve_model(self.cfg.policy_model))
+        self._log(f"[train] saved Hugging Face model to {save}")
         return save
 
 
@@ -579,9 +421,21 @@ class DPOTrainer:
 
 
 def run(cfg: Config) -> int:
-    """Worker entry point (inside a process group)."""
+    """Worker entry point (inside a process group).
+
+    Bad input found only here (too few pairs for the batch, a chat template that cannot
+    render a pair) exits 2 like the launcher's own checks: rank 0 records it in
+    run_state.json (status ``bad_input``, which the launcher maps to exit 2) and says it once.
+    """
     try:
         return DPOTrainer(cfg).train()
+    except BadInput as e:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        if rank == 0:
+            msg = redact(str(e))
+            atomic_write_json(run_paths(cfg).state, {"status": "bad_input", "message": msg})
+            print(f"hhdpo train: error: {msg}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -598,8 +452,7 @@ def cli(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = load_stage_config(args)
         distributed = in_distributed_env() or adopt_slurm_env()
-        if not distributed or int(os.environ.get("RANK", 0)) == 0:
-            preflight(cfg)
+        preflight(cfg)  # on every rank: under srun a rank that skipped it would wait for one that failed
         if not distributed:
             fwd = _strip_nproc(list(argv if argv is not None else sys.argv[1:]))
             return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, run_paths(cfg).state)
