@@ -22,7 +22,8 @@ succeeds. The pair is recognised from its prompt text (``set_index(pairs)``). Fa
     prose_json | fence | winner_line | truncated   tolerant-parser cases (a valid verdict inside)
     echo_auth                                 400 whose message echoes the Authorization header
 
-Every request is logged in ``requests`` (idx, path, fault, status, auth, structured, t).
+Every request is logged in ``requests`` (idx, path, fault, status, auth = the Authorization
+header or None when absent, openai_headers = names of OpenAI-* headers, structured, t).
 """
 
 from __future__ import annotations
@@ -187,11 +188,13 @@ class _Handler(BaseHTTPRequestHandler):
         schema = _schema(body, path)
         user = _user_text(body, path)
         idx, text = fake.answer(user, schema)
-        auth = self.headers.get("Authorization", "")
+        auth = self.headers.get("Authorization")  # None: no header at all
         with fake.lock:
             script = fake.faults.get(idx)
             fault = script.pop(0) if script else None
-            log = {"idx": idx, "path": path, "fault": fault, "auth": auth, "structured": schema is not None,
+            log = {"idx": idx, "path": path, "fault": fault, "auth": auth,
+                   "openai_headers": sorted(k.lower() for k in self.headers if k.lower().startswith("openai-")),
+                   "structured": schema is not None,
                    "schema_strict": bool(schema and schema.get("strict")), "model": body.get("model"),
                    "t": time.monotonic(), "status": 200}
             fake.requests.append(log)

@@ -4,7 +4,6 @@ The fake server (tests/fake_responses_server.py) prefers the longer response, so
 verdict is known in advance; it counts requests per pair idx to prove no duplicates.
 """
 
-import asyncio
 import json
 import os
 import random
@@ -16,45 +15,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_responses_server import FakeOpenAIServer, hh_generation_records
+from tests.fake_responses_server import FakeOpenAIServer
+from tests.judge_helpers import make_pairs, read, run
 from hhdpo import judge
 from hhdpo.io import DataError
-from hhdpo.judge import JudgeSettings, judge_files, map_winner, parse_verdict, VerdictError
-from hhdpo.pairwise import make_pairwise
+from hhdpo.judge_api import backoff_delay, retry_after_seconds
 from hhdpo.summarize import summarize
+from hhdpo.verdict import VerdictError, parse_verdict
+from hhdpo.winner import map_winner, reconcile
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-SECRET123"
+OPENAI_SECRET = "sk-openai-SECRET456"
 
 
 @pytest.fixture(autouse=True)
 def _no_real_key(monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-
-
-def make_pairs(tmp_path, n, shuffle=True, name="policy"):
-    gen = tmp_path / f"{name}_out.jsonl"
-    gen.write_text("".join(json.dumps(r) + "\n" for r in hh_generation_records(n)))
-    pw = tmp_path / f"{name}_pairwise.jsonl"
-    make_pairwise(gen, pw, shuffle_ab=shuffle, seed=1)
-    return pw, [json.loads(line) for line in pw.read_text().splitlines()]
-
-
-def expected_mvc(pair):
-    """The fake judge's verdict, mapped to model/chosen/tie."""
-    la, lb = len(pair["a"]), len(pair["b"])
-    w = "a" if la > lb else "b" if lb > la else "tie"
-    return map_winner(w, pair["a_id"], pair["b_id"], pair["is_swapped"])[0]
-
-
-def read(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def run(pw, out, srv, **kw):
-    kw = {"model": "fake-judge", "backoff_base": 0.01, "concurrency": 8, "progress": False, **kw}
-    return asyncio.run(judge_files([pw], [out], JudgeSettings(**kw), base_url=srv.base_url, log=lambda m: None))
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "HHDPO_JUDGE_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -96,14 +74,14 @@ def test_mapping_reconcile_and_retry_delays():
     assert map_winner("b", "hh_chosen", "policy_model", True)[0] == "model"
     assert map_winner("tie", "x", "hh_chosen", False)[0] == "tie"
     assert map_winner(None, "x", "hh_chosen", False)[0] is None
-    assert judge.reconcile("a", "a") == "a" and judge.reconcile("a", "b") == "tie" and judge.reconcile("a", "tie") == "tie"
-    assert judge.retry_after_seconds({"retry-after": "2"}) == 2.0
-    assert judge.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert reconcile("a", "a") == "a" and reconcile("a", "b") == "tie" and reconcile("a", "tie") == "tie"
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < judge.retry_after_seconds({"retry-after": date}) <= 31
+    assert 25 < retry_after_seconds({"retry-after": date}) <= 31
     rng = random.Random(0)
-    assert all(2.0 <= judge.backoff_delay(0, 1.0, 60, 2.0, rng) <= 2.2 for _ in range(50))
-    delays = [judge.backoff_delay(a, 1.0, 8.0, None, rng) for a in range(6)]
+    assert all(2.0 <= backoff_delay(0, 1.0, 60, 2.0, rng) <= 2.2 for _ in range(50))
+    delays = [backoff_delay(a, 1.0, 8.0, None, rng) for a in range(6)]
     assert 0.5 <= delays[0] <= 1.0 and 4.0 <= delays[5] <= 8.0
 
 
@@ -111,7 +89,7 @@ def test_mapping_reconcile_and_retry_delays():
 
 
 def test_storm_of_429_500_timeouts_every_verdict_exactly_once(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 24)
+    pw, pairs, expect = make_pairs(tmp_path, 24)
     rng = random.Random(7)
     faults = {p["idx"]: rng.choice([[], ["429"], ["500", "503"], ["429", "500", "drop"], ["503"]]) for p in pairs}
     faults[pairs[0]["idx"]] = ["429 retry-after-ms=400"]  # the server's wait must be honoured
@@ -128,7 +106,7 @@ def test_storm_of_429_500_timeouts_every_verdict_exactly_once(tmp_path):
     assert sorted(r["idx"] for r in recs) == sorted(p["idx"] for p in pairs)  # each exactly once
     assert not any("judge_error" in r for r in recs)
     for r in recs:
-        assert r["winner_model_vs_chosen"] == expected_mvc(r) and r["judge_model"] == "fake-judge"
+        assert r["winner_model_vs_chosen"] == expect[r["idx"]] and r["judge_model"] == "fake-judge"
         assert r["input_tokens"] > 0 and r["output_tokens"] > 0
         assert counts[r["idx"]] == scripted[r["idx"]] + 1  # one success after the scripted failures
     assert times[1] - times[0] >= 0.4
@@ -136,7 +114,7 @@ def test_storm_of_429_500_timeouts_every_verdict_exactly_once(tmp_path):
 
 
 def test_failed_and_unparseable_verdicts_are_recorded_and_excluded(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 16)
+    pw, pairs, expect = make_pairs(tmp_path, 16)
     ids = [p["idx"] for p in pairs]
     faults = {ids[0]: ["500", "500", "500"], ids[1]: ["nonjson"], ids[2]: ["malformed"], ids[3]: ["badwinner"],
               ids[4]: ["400"], ids[5]: ["prose_json"], ids[6]: ["fence"], ids[7]: ["winner_line"],
@@ -155,7 +133,7 @@ def test_failed_and_unparseable_verdicts_are_recorded_and_excluded(tmp_path):
     for i in errored:
         assert recs[i]["winner"] is None and recs[i]["winner_model_vs_chosen"] is None  # never a tie
     for i in set(ids) - errored:
-        assert recs[i]["winner_model_vs_chosen"] == expected_mvc(recs[i])
+        assert recs[i]["winner_model_vs_chosen"] == expect[i]
     # cut off by the token cap after the verdict: kept, flagged, partial explanation saved
     assert recs[ids[8]]["judge_truncated"] is True and recs[ids[8]]["explanation"] == "Response"
     assert not any(recs[i].get("judge_truncated") for i in ids[:8])
@@ -163,8 +141,8 @@ def test_failed_and_unparseable_verdicts_are_recorded_and_excluded(tmp_path):
 
     s = summarize([out])["files"][0]
     good = [recs[i] for i in ids if i not in errored]
-    wins = sum(expected_mvc(r) == "model" for r in good)
-    losses = sum(expected_mvc(r) == "chosen" for r in good)
+    wins = sum(expect[r["idx"]] == "model" for r in good)
+    losses = sum(expect[r["idx"]] == "chosen" for r in good)
     assert (s["errors"], s["wins"], s["losses"], s["ties"]) == (5, wins, losses, len(good) - wins - losses)
     assert s["win_rate"] == pytest.approx(wins / (wins + losses))
 
@@ -186,7 +164,7 @@ def _judge_cmd(pw, out, url, *extra):
 
 
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 60)
+    pw, pairs, expect = make_pairs(tmp_path, 60)
     out = tmp_path / "judged.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     with FakeOpenAIServer(latency=0.04) as srv:
@@ -214,7 +192,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
         assert done.returncode == 0, done.stderr
     recs = read(out)
     assert sorted(r["idx"] for r in recs) == sorted(p["idx"] for p in pairs)  # 0 lost, 0 duplicated
-    assert all(r["winner_model_vs_chosen"] == expected_mvc(r) for r in recs)
+    assert all(r["winner_model_vs_chosen"] == expect[r["idx"]] for r in recs)
     for saved_idx, n_requests in snapshots:  # a verdict saved before a kill is never requested again
         assert not saved_idx & {r["idx"] for r in srv.requests[n_requests:]}
     assert f"skipped (already done) {len(saved)}" in done.stdout
@@ -222,14 +200,14 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_both_orders_reconciles_and_reports_agreement(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 10)
+    pw, pairs, expect = make_pairs(tmp_path, 10)
     out = tmp_path / "consistent.jsonl"
     with FakeOpenAIServer() as srv:  # length-based: position-independent, both orders agree
         srv.set_index(pairs)
         stats = run(pw, out, srv, both_orders=True)
         assert set(srv.counts().values()) == {2}
     recs = read(out)
-    assert all(r["orders_agree"] and r["winner_model_vs_chosen"] == expected_mvc(r) for r in recs)
+    assert all(r["orders_agree"] and r["winner_model_vs_chosen"] == expect[r["idx"]] for r in recs)
     for r in recs:
         ab, ba = r["verdicts"]
         assert (ab["order"], ba["order"]) == ("ab", "ba") and ab["winner"] == ba["winner"]
@@ -249,7 +227,7 @@ def test_both_orders_reconciles_and_reports_agreement(tmp_path):
 
 
 def test_budget_caps_stop_cleanly_and_resume(tmp_path, capsys):
-    pw, pairs = make_pairs(tmp_path, 12)
+    pw, pairs, expect = make_pairs(tmp_path, 12)
     out = tmp_path / "judged.jsonl"
     base = ["--in_file", str(pw), "--out_file", str(out), "--model", "fake-judge", "--no-progress"]
     with FakeOpenAIServer(fixed_usage=(100, 20)) as srv:
@@ -271,30 +249,30 @@ def test_budget_caps_stop_cleanly_and_resume(tmp_path, capsys):
 
 
 def test_api_key_is_used_but_never_written_or_logged(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 6)
+    pw, pairs, expect = make_pairs(tmp_path, 6)
     out = tmp_path / "judged.jsonl"
-    env = {**os.environ, "OPENAI_API_KEY": SECRET}
+    env = {**os.environ, "HHDPO_JUDGE_API_KEY": SECRET, "OPENAI_API_KEY": OPENAI_SECRET}
     with FakeOpenAIServer(faults={pairs[0]["idx"]: ["echo_auth"]}) as srv:
         srv.set_index(pairs)
         res = subprocess.run(_judge_cmd(pw, out, srv.base_url), cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=120)
         assert res.returncode == 0, res.stderr
-        assert {r["auth"] for r in srv.requests} == {f"Bearer {SECRET}"}  # the key came from the env
-        # a fatal 401 stops the run with a message, and that message is clean too
+        assert {r["auth"] for r in srv.requests} == {f"Bearer {SECRET}"}  # the judge's key, from the env
+        # a fatal 401 (bad key: bad config) stops the run with exit 2 and a clean message
         out401 = tmp_path / "judged401.jsonl"
         srv.faults = {p["idx"]: ["401"] for p in pairs}
         res401 = subprocess.run(_judge_cmd(pw, out401, srv.base_url), cwd=REPO, env=env, capture_output=True,
                                 text=True, timeout=120)
-    assert res401.returncode == 1 and "HTTP 401" in res401.stderr
+    assert res401.returncode == 2 and "HTTP 401" in res401.stderr and "Traceback" not in res401.stderr
     echoed = [r for r in read(out) if "judge_error" in r]
     assert len(echoed) == 1 and "Bearer ***" in echoed[0]["judge_error"]  # the echoed key was redacted
     for text in (res.stdout, res.stderr, res401.stdout, res401.stderr,
                  *(p.read_text() for p in tmp_path.rglob("*") if p.is_file())):
-        assert SECRET not in text
+        assert SECRET not in text and OPENAI_SECRET not in text
 
 
 def test_chat_api_dpo_template_and_schema_refusal_fallback(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 6)
+    pw, pairs, expect = make_pairs(tmp_path, 6)
     out = tmp_path / "chat.jsonl"
     with FakeOpenAIServer() as srv:
         srv.set_index(pairs)
@@ -303,21 +281,20 @@ def test_chat_api_dpo_template_and_schema_refusal_fallback(tmp_path):
         assert all(r["structured"] for r in srv.requests)
     recs = read(out)
     # the DPO template has no tie; the fake picks the longer, so every verdict maps exactly
-    assert all(r["winner_model_vs_chosen"] == expected_mvc(r) and r["judge_template"] == "dpo" for r in recs)
+    assert all(r["winner_model_vs_chosen"] == expect[r["idx"]] and r["judge_template"] == "dpo" for r in recs)
 
     out2 = tmp_path / "noschema.jsonl"
     messages = []
     with FakeOpenAIServer(schema_support=False) as srv:
         srv.set_index(pairs)
-        asyncio.run(judge_files([pw], [out2], JudgeSettings(model="fake-judge", template="dpo", progress=False,
-                                                            concurrency=1), base_url=srv.base_url, log=messages.append))
+        run(pw, out2, srv, template="dpo", concurrency=1, log=messages.append)
         assert [r["status"] for r in srv.requests[:1]] == [400] and not any(r["structured"] for r in srv.requests[1:])
     assert any("refused JSON-schema" in m for m in messages)
-    assert all(r["winner_model_vs_chosen"] == expected_mvc(r) for r in read(out2))
+    assert all(r["winner_model_vs_chosen"] == expect[r["idx"]] for r in read(out2))
 
 
 def test_bad_input_and_mixed_judges_are_refused(tmp_path):
-    pw, pairs = make_pairs(tmp_path, 4)
+    pw, pairs, expect = make_pairs(tmp_path, 4)
     bad = tmp_path / "bad_pairwise.jsonl"
     bad.write_text(pw.read_text() + '{"idx": 9, "prompt": "p", "a": "x"}\n')
     out = tmp_path / "judged.jsonl"
@@ -335,7 +312,7 @@ def test_bad_input_and_mixed_judges_are_refused(tmp_path):
 
 def test_two_judges_on_one_out_file_are_refused(tmp_path):
     """A second writer (e.g. a requeued job while the first still runs) would duplicate verdicts."""
-    pw, pairs = make_pairs(tmp_path, 30)
+    pw, pairs, expect = make_pairs(tmp_path, 30)
     out = tmp_path / "judged.jsonl"
     with FakeOpenAIServer(latency=0.05) as srv:
         srv.set_index(pairs)
@@ -356,10 +333,11 @@ def test_two_judges_on_one_out_file_are_refused(tmp_path):
 
 def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys):
     """No key and no base URL: the CLI starts hhdpo.serve's server for judge.serve_model, judges
-    against it under its served name, and stops it (here a stand-in wrapping the fake API)."""
+    against it under its served name, sends it no key, and stops it (here a stand-in wrapping
+    the fake API)."""
     import hhdpo.serve
 
-    pw, pairs = make_pairs(tmp_path, 4)
+    pw, pairs, expect = make_pairs(tmp_path, 4)
     events = []
 
     class StandIn:
@@ -367,7 +345,7 @@ def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys)
             self.fake = FakeOpenAIServer()
             self.fake.set_index(pairs)
             self.served_name = model
-            events.append(("init", model))
+            events.append(("init", model, log_file))
 
         def __enter__(self):
             self.fake.start()
@@ -375,12 +353,13 @@ def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys)
             return self
 
         def __exit__(self, *exc):
-            events.append(("stop", len(self.fake.requests), {r["model"] for r in self.fake.requests}))
+            events.append(("stop", len(self.fake.requests), {(r["model"], r["auth"]) for r in self.fake.requests}))
             self.fake.stop()
 
     monkeypatch.setattr(hhdpo.serve, "VLLMServer", StandIn)
+    monkeypatch.setenv("HHDPO_JUDGE_API_KEY", SECRET)  # for a remote judge; our own server gets none
     out = tmp_path / "judged.jsonl"
     assert judge.cli(["--in_file", str(pw), "--out_file", str(out), "--serve-model", "smollm2", "--no-progress"]) == 0
-    assert events == [("init", "smollm2"), ("stop", 4, {"smollm2"})]
+    assert events == [("init", "smollm2", tmp_path / "judge_server.log"), ("stop", 4, {("smollm2", None)})]
     assert "serving 'smollm2' locally" in capsys.readouterr().err
     assert {r["judge_model"] for r in read(out)} == {"smollm2"}

@@ -9,7 +9,6 @@ from scipy.stats import binomtest, norm
 from tests.fake_responses_server import hh_generation_records
 from hhdpo import paired as P
 from hhdpo import summarize as S
-from hhdpo.judge import map_winner
 from hhdpo.pairwise import make_pairwise
 
 
@@ -35,7 +34,7 @@ def test_wilson_matches_closed_form(k, n):
 
 def judged_file(path, outcomes, pairs=None, model_id="policy_model"):
     """Write a judged file whose model/chosen/tie outcomes are given; the raw A/B winner is
-    derived from each pair's is_swapped, and winner_model_vs_chosen via the judge's mapping."""
+    derived from each pair's is_swapped; winner_model_vs_chosen is the outcome itself."""
     recs = []
     for i, outcome in enumerate(outcomes):
         p = dict(pairs[i]) if pairs else {"idx": i, "prompt": "\n\nHuman: hi\n\nAssistant:", "a": "x", "b": "y",
@@ -47,8 +46,9 @@ def judged_file(path, outcomes, pairs=None, model_id="policy_model"):
         else:
             model_slot = "b" if p["is_swapped"] else "a"
             raw = {"tie": "tie", "model": model_slot, "chosen": "a" if model_slot == "b" else "b"}[outcome]
-            mvc, mid, cid = map_winner(raw, p["a_id"], p["b_id"], p["is_swapped"])
-            rec.update(winner=raw, winner_model_vs_chosen=mvc, model_id=mid, chosen_id=cid)
+            chosen_slot = "a" if model_slot == "b" else "b"
+            rec.update(winner=raw, winner_model_vs_chosen=outcome, model_id=p[f"{model_slot}_id"],
+                       chosen_id=p[f"{chosen_slot}_id"])
         recs.append(rec)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
