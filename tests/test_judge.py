@@ -363,3 +363,9 @@ def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys)
     assert events == [("init", "smollm2", tmp_path / "judge_server.log"), ("stop", 4, {("smollm2", None)})]
     assert "serving 'smollm2' locally" in capsys.readouterr().err
     assert {r["judge_model"] for r in read(out)} == {"smollm2"}
+
+    bad = tmp_path / "bad_pairwise.jsonl"
+    bad.write_text('{"idx": 0, "prompt": "p"\n')
+    events.clear()
+    assert judge.cli(["--in_file", str(bad), "--no-progress"]) == 2
+    assert events == [] and f"{bad}:1: malformed JSON" in capsys.readouterr().err  # no server started for bad input
