@@ -382,19 +382,24 @@ def show(cfg, n: int, out=sys.stdout) -> int:
     ds = cfg.dataset
     pairs, skipped = load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
     tok = load_tokenizer(cfg.policy_model, cfg.trust_remote_code)
-    seed_diff = sum(seed_split(p.prompt + " " + p.chosen)[0] != seed_split(p.prompt + " " + p.rejected)[0] for p in pairs)
     for i, pair in enumerate(pairs[:n]):
         ex = tokenize_pair(pair, tok, ds.max_len, ds.max_prompt_len, ds.use_chat_template)
         print(f"=== pair {i} " + "=" * 60, file=out)
-        print(f"prompt messages: {len(pair.prompt_messages)}  prompt tokens: {len(ex['prompt_ids'])}", file=out)
+        whole = len(prompt_ids(pair, tok, ds.use_chat_template))
+        cut = f" of {whole} (oldest turns dropped or cut to fit)" if whole > len(ex["prompt_ids"]) else ""
+        print(f"prompt messages: {len(pair.prompt_messages)}  prompt tokens: {len(ex['prompt_ids'])}{cut}", file=out)
         print(f"--- rendered prompt ---\n{tok.decode(ex['prompt_ids'])}", file=out)
         for which in ("chosen", "rejected"):
             ids = ex[f"{which}_ids"]
             print(f"--- {which}: {len(ids)} trained tokens ---\n{tok.decode(ids)}", file=out)
             print(f"    tokens: {tok.convert_ids_to_tokens(ids[:8])} ... {tok.convert_ids_to_tokens(ids[-3:])}", file=out)
     total = len(pairs) + sum(skipped.values())
+    detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     print(f"\n{ds.dataset_name} {ds.subset}: {total} records, {len(pairs)} parsed, {sum(skipped.values())} skipped "
-          f"{dict(skipped)}; {seed_diff} pairs whose prompt the seed's last-turn split gets wrong", file=out)
+          f"({detail})", file=out)
+    if skipped["diverges_before_last_turn"]:
+        print(f"diverges_before_last_turn: {skipped['diverges_before_last_turn']} pairs whose conversations differ "
+              "before their last assistant turn (a response would span several turns); not trained on", file=out)
     return 0
 
 

