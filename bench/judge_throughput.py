@@ -45,12 +45,14 @@ def make_pairs(path: Path, n: int) -> None:
 
 
 def measure(pairs: Path, out: Path, base_url: str, concurrency: int) -> tuple[float, int]:
-    from hhdpo.judge import JudgeSettings, judge_files, make_client
+    from hhdpo.config import JudgeConfig
+    from hhdpo.judge import JudgeSettings, judge_files
+    from hhdpo.judge_api import make_client
 
-    settings = JudgeSettings(model="fake-judge", concurrency=concurrency, progress=False)
+    settings = JudgeSettings(JudgeConfig(model="fake-judge", concurrency=concurrency), progress=False)
 
     async def run():
-        client = make_client(base_url, settings.timeout)  # once per process, not per request: untimed
+        client = make_client(base_url, settings.judge.timeout)  # once per process, not per request: untimed
         t0 = time.perf_counter()
         stats = await judge_files([pairs], [out], settings, client=client, log=lambda m: None)
         dt = time.perf_counter() - t0

@@ -72,13 +72,19 @@ class DPOTrainingConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # cDPO (sigmoid) / robust DPO epsilon
     reference_free: bool = False
-    average_log_prob: bool = False  # length-averaged log-probs instead of sums
+    average_log_prob: Optional[bool] = None  # length-averaged log-probs instead of sums; null = auto: averaged for ipo (as its paper and TRL), summed otherwise; saved resolved
     precompute_ref_log_probs: bool = False
     activation_checkpointing: bool = False
     group_by_length: Optional[bool] = None  # forward a micro-batch's rows in length-sorted groups (less padding); null = on for one process, off under FSDP
     fsdp_layer_cls: list[str] = field(default_factory=list)  # default: model._no_split_modules
     seed: int = 42
     save_dir: str = "dpo_model"
+
+    def __post_init__(self):
+        if self.average_log_prob is None:
+            # IPO's target 1/(2 beta) is on the scale of a per-token log-ratio; summed, h is
+            # tens to hundreds and the squared loss is all clipping
+            self.average_log_prob = self.loss_type == "ipo"
 
     def _checks(self):
         yield "epochs", self.epochs >= 1, "an integer >= 1"
@@ -445,8 +451,13 @@ def _to_yaml_dict(obj) -> Any:
 
 
 def redact(text: str) -> str:
-    """Replace any secret from the environment, and URL credentials, with ***."""
-    for var in SECRET_ENV_VARS:
+    """Replace any secret from the environment, and URL credentials, with ***.
+
+    Secrets: the known variables, and any variable named like one (``*_API_KEY``, ``*_TOKEN``,
+    ``*_SECRET``), which covers a judge key under a custom ``judge.api_key_env``.
+    """
+    names = set(SECRET_ENV_VARS) | {k for k in os.environ if k.endswith(("_API_KEY", "_TOKEN", "_SECRET"))}
+    for var in sorted(names):
         secret = os.environ.get(var)
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")

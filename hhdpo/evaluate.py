@@ -13,7 +13,6 @@ local vLLM server for ``judge.serve_model`` (offline default).
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from hhdpo.io import atomic_write_json, atomic_write_text
 def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
     """Run the evaluation chain for ``models`` (default policy and base); returns the summary."""
     from hhdpo.generate import generate, select_models
-    from hhdpo.judge import JudgeSettings, judge_endpoint, judge_files
+    from hhdpo.judge import JudgeSettings, judge_run
     from hhdpo.pairwise import pairwise_run
     from hhdpo.summarize import markdown, plot_png, summarize
 
@@ -37,11 +36,8 @@ def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
     pair_files = list(pairwise_run(cfg, names, log=log).values())
     judged_files = [out_dir / f"{n}_judged.jsonl" for n in names]
 
-    settings = JudgeSettings.from_config(cfg.judge)
-    with judge_endpoint(cfg.judge.base_url, settings.model, cfg.judge.serve_model,
-                        log_file=out_dir / "judge_server.log") as (base_url, model):
-        settings.model = model
-        run = asyncio.run(judge_files(pair_files, judged_files, settings, base_url=base_url, log=log))
+    run = judge_run(JudgeSettings(cfg.judge), pair_files, judged_files, log=log,
+                    server_log=out_dir / "judge_server.log")
     if run.budget_hit:
         log(f"[eval] judge budget hit ({run.budget_hit}); summary covers the verdicts so far")
 

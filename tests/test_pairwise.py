@@ -7,7 +7,7 @@ import pytest
 from tests.fake_responses_server import hh_generation_records
 from hhdpo import pairwise
 from hhdpo.io import DataError
-from hhdpo.judge import map_winner
+from hhdpo.winner import map_winner
 
 SEED_KEYS = ["idx", "prompt", "a", "b", "a_id", "b_id", "is_swapped", "shuffle_seed"]
 
