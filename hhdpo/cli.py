@@ -18,6 +18,7 @@ STAGES = {
     "summarize": ("hhdpo.summarize", "win/loss/tie with Wilson CIs, table, JSON and chart"),
     "eval": ("hhdpo.evaluate", "generate -> pairwise -> judge -> summarize in one go"),
     "upload": ("hhdpo.upload", "upload the model and logs to the Hugging Face Hub"),
+    "report": ("hhdpo.report", "report.png + report.html: training curves, tail test, eval win rates"),
 }
 
 
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hhdpo: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(STAGES[stage][0])
-    sys.exit(module.cli(argv[1:]))
+    sys.exit(module.cli(argv[1:]))  # every stage returns the exit codes of hhdpo.errors

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from hhdpo.config import Config, run_paths, save_config
-from hhdpo.io import atomic_write_json, atomic_write_text
 
 
 def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
@@ -25,7 +24,8 @@ def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
     from hhdpo.generate import generate, select_models
     from hhdpo.judge import JudgeSettings, judge_run
     from hhdpo.pairwise import pairwise_run
-    from hhdpo.summarize import markdown, plot_png, summarize
+    from hhdpo.report import write_report_or_warn
+    from hhdpo.summarize import markdown, summarize, write_outputs
 
     out_dir = run_paths(cfg).eval
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,12 +42,9 @@ def evaluate(cfg: Config, models: list[str] | None = None, log=print) -> dict:
         log(f"[eval] judge budget hit ({run.budget_hit}); summary covers the verdicts so far")
 
     summary = summarize(judged_files, labels=names)
-    table = markdown(summary)
-    atomic_write_json(out_dir / "summary.json", summary)
-    atomic_write_text(out_dir / "summary.md", table + "\n")
-    plot_png(summary, out_dir / "summary.png")
-    print(table)
-    log(f"[eval] wrote {out_dir / 'summary.json'}, {out_dir / 'summary.md'}, {out_dir / 'summary.png'}")
+    print(markdown(summary))
+    write_outputs(summary, out_dir, log=log)
+    write_report_or_warn(cfg, log=log)
     return summary
 
 

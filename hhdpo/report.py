@@ -116,11 +116,22 @@ def write_report(cfg, log=print) -> Path:
     return page
 
 
+def write_report_or_warn(cfg, log=print) -> Path | None:
+    """:func:`write_report` at the end of ``train`` and ``eval``: a report that cannot be drawn is
+    a warning there, never a failed run (``hhdpo report`` itself exits 2 on the same input)."""
+    try:
+        return write_report(cfg, log=log)
+    except Exception as e:  # noqa: BLE001 - the run's real outputs are already saved
+        log(f"[report] warning: no report ({type(e).__name__}: {e}); run `hhdpo report` to see why")
+        return None
+
+
 def cli(argv: list[str] | None = None) -> int:
     from hhdpo.config import ConfigError, load_config
     from hhdpo.stage import StageParser, run_stage
 
-    p = StageParser("hhdpo report", __doc__.split("\n\n")[0].strip("`"), config_required=False, overrides=False,
+    p = StageParser("hhdpo report", "Write report.png and a self-contained report.html (training curves, tail test,\n"
+                    "eval win rates, key numbers) into a run's save_dir.", config_required=False, overrides=False,
                     config_help="YAML config (default: RUN_DIR/config.yaml)")
     p.add_argument("run_dir", nargs="*", metavar="RUN_DIR | key.path=value",
                    help="a training save_dir holding config.yaml (the report goes there), and config overrides")

@@ -456,7 +456,12 @@ def cli(argv: list[str] | None = None) -> int:
         if not distributed:
             fwd = _strip_nproc(list(argv if argv is not None else sys.argv[1:]))
             return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, run_paths(cfg).state)
-        return run(cfg)
+        rc = run(cfg)
+        if rc == 0 and int(os.environ.get("RANK", 0)) == 0:
+            from hhdpo.report import write_report_or_warn
+
+            write_report_or_warn(cfg)
+        return rc
 
     return run_stage("hhdpo train", body)
 
