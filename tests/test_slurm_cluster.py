@@ -55,8 +55,9 @@ def test_job_runs_on_both_nodes(slurm_cluster, tmp_path):
     lines = _read(out).splitlines()
     assert {"n1", "n2"} <= set(lines), lines
     assert sum(line.split()[1:2] == ["127.0.0.1"] for line in lines) == 4, lines  # n1, n2 on both
-    (row,) = slurm_cluster.sacct(job)
-    assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0" and row["NodeList"] == "n[1-2]", row
+    # slurmdbd records are eventually consistent: the node list may lag the final state a moment
+    expected = [{"JobID": job, "State": "COMPLETED", "ExitCode": "0:0", "NodeList": "n[1-2]"}]
+    slurm_cluster.wait_for(lambda: slurm_cluster.sacct(job) == expected, 30, f"sacct {job} == {expected}")
 
 
 def test_dependency_chain_cancels_downstream_of_a_failure(slurm_cluster, tmp_path):
@@ -159,3 +160,25 @@ def test_gloo_rendezvous_on_n1_by_name(slurm_cluster, tmp_path):
     assert slurm_cluster.wait_job(job, timeout=180) == "COMPLETED", _read(out)
     lines = sorted(line for line in _read(out).splitlines() if line.startswith("rank "))
     assert lines == ["rank 0 of 2 on n1: sum 3", "rank 1 of 2 on n2: sum 3"], _read(out)
+
+
+def _double(x):
+    import os
+
+    return 2 * x, os.environ.get("SLURMD_NODENAME")
+
+
+def test_submitit_sees_results_and_cancellations(slurm_cluster, tmp_path):
+    """submitit reads final states from sacct: a cancelled job must end job.result(), not hang."""
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=tmp_path / "%j")
+    ex.update_parameters(time=2, nodes=1, ntasks_per_node=1, cpus_per_task=1, partition="debug")
+    value, node = ex.submit(_double, 21).result()
+    assert value == 42 and node in {"n1", "n2"}
+    job = ex.submit(time.sleep, 120)
+    slurm_cluster.wait_for(lambda: slurm_cluster.job_state(job.job_id) == "RUNNING", 60, "submitit job running")
+    job.cancel()
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+        job.result()
+    assert job.state.startswith("CANCELLED")

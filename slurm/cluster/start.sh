@@ -19,7 +19,8 @@
 # that the node names resolve (torch's rendezvous on n1), which stop.sh removes again.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server mariadb-client shellcheck)
+# procps: pgrep/ps for stop.sh; shellcheck: the tests check the scripts in slurm/
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server mariadb-client procps shellcheck)
 
 install_packages() {
     local missing=() p
@@ -52,7 +53,7 @@ while (($#)); do
         --install) install_packages; exit 0 ;;
         --accounting) accounting=1 ;;
         --no-accounting) accounting=0 ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h | --help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         -*) echo "start.sh: unknown option $1" >&2; exit 2 ;;
         *) dir=$1 ;;
     esac

@@ -7,7 +7,7 @@
 set -euo pipefail
 
 case ${1:-} in
-    -h | --help) sed -n '2,6p' "$0"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     -*) echo "stop.sh: unknown option $1" >&2; exit 2 ;;
 esac
 DIR=${1:-${HHDPO_SLURM_DIR:-/tmp/hhdpo-slurm}}
@@ -74,19 +74,18 @@ descendants() { # descendants PID: every process below PID
 # 1. Cancel the cluster's jobs while the daemons still run, and wait for them to end.
 if [[ -f $CONF ]] && pid_of "$RUN/slurmctld.pid" slurmctld >/dev/null; then
     export SLURM_CONF=$CONF
-    scancel --partition=debug 2>/dev/null || true
+    # (timeouts: the clients retry for a long while when slurmctld is going away)
+    timeout 10 scancel --partition=debug 2>/dev/null || true
     end=$((SECONDS + 20))
-    while [[ -n $(squeue -h -o %i 2>/dev/null) ]] && ((SECONDS < end)); do sleep 0.2; done
+    while [[ -n $(timeout 5 squeue -h -o %i 2>/dev/null) ]] && ((SECONDS < end)); do sleep 0.2; done
 fi
 
-# 2. The daemons, by their pid files: slurmd and slurmctld, then slurmdbd, MariaDB, munged.
+# 2. slurmd and slurmctld, by their pid files.
 pids=()
 for entry in slurmd-n1:slurmd slurmd-n2:slurmd slurmctld:slurmctld; do
     if pid=$(pid_of "$RUN/${entry%%:*}.pid" "${entry#*:}"); then pids+=("$pid"); fi
 done
 stop_pids 30 "${pids[@]}"
-if pid=$(pid_of "$RUN/slurmdbd.pid" slurmdbd); then stop_pids 30 "$pid"; fi
-if pid=$(pid_of "$DIR/mysql/mariadbd.pid" mariadbd); then stop_pids 60 "$pid"; fi
 
 # 3. Job steps that outlived their slurmd (their slurmstepd carries this cluster's SLURM_CONF).
 for stepd in $(pgrep -x slurmstepd || true); do
@@ -96,7 +95,12 @@ for stepd in $(pgrep -x slurmstepd || true); do
     fi
 done
 
-if pid=$(pid_of "$DIR/munge/munged.pid" munged); then stop_pids 10 "$pid"; fi
+# 4. slurmdbd, MariaDB and munged together: nothing needs them any more.
+pids=()
+for entry in run/slurmdbd.pid:slurmdbd mysql/mariadbd.pid:mariadbd munge/munged.pid:munged; do
+    if pid=$(pid_of "$DIR/${entry%%:*}" "${entry#*:}"); then pids+=("$pid"); fi
+done
+stop_pids 60 "${pids[@]}"
 
 rm -f "$RUN"/*.pid "$DIR/started" "$DIR/env"
 clean_hosts
