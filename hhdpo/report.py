@@ -35,7 +35,9 @@ def key_numbers(logs: RunLogs, delta: float | None = None) -> list[tuple[str, st
     rows = []
     if logs.state:
         s = logs.state
-        rows.append(("training status", f"{s.get('status')} at step {s.get('step')} of {s.get('total_steps')}"))
+        # run_state.json is written at start (step = the resume step) and at the end, not per step
+        rows.append(("training status", f"running (started at step {s.get('step')}, {s.get('total_steps')} steps planned)"
+                     if s.get("status") == "running" else f"{s.get('status')} at step {s.get('step')} of {s.get('total_steps')}"))
     if logs.train:
         r = logs.train[-1]
         rows.append((f"training (step {r['step']}, last log window)",

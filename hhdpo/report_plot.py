@@ -86,8 +86,9 @@ def _grad_lr(ax, logs: RunLogs) -> list[str]:
 
 def _legend_above(ax, lines) -> None:
     """A twin-axis panel's legend, between its title and the plot: "best" would avoid one axis's lines only."""
-    rows = -(-len(lines) // 3)
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower left", bbox_to_anchor=(0, 1), ncol=3, fontsize=8,
+    ncol = 3 if len(lines) <= 3 else 2
+    rows = -(-len(lines) // ncol)
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower left", bbox_to_anchor=(0, 1), ncol=ncol, fontsize=8,
               frameon=False, borderaxespad=0.1, handlelength=1.5)
     ax.set_title(ax.get_title(loc="left"), loc="left", fontsize=11, pad=6 + 14 * rows)
 
@@ -108,7 +109,7 @@ def _quantiles(ax, logs: RunLogs) -> list[str]:
     ax.plot(xs, med, color="tab:blue", label="median margin")
     tx, tau = series(logs.tail, "tau")
     if tx:
-        ax.plot(tx, tau, color="tab:red", label="tau (EMA threshold)")
+        ax.plot(tx, tau, color="tab:red", marker="." if len(tx) < 50 else None, label="tau (EMA threshold)")
     if logs.warmup_end:
         ax.plot([logs.warmup_end["step"]], [logs.warmup_end["tau_0"]], "o", color="tab:red", label="tau_0 (warmup end)")
     _warmup_line(ax, logs)
@@ -129,16 +130,19 @@ def _exceedance(ax, logs: RunLogs, delta: float | None, adaptive: bool) -> list[
     if delta is not None:
         ax.axhline(delta, color="tab:red", ls="--", lw=1, label=f"delta = {delta:g}")
     _warmup_line(ax, logs)
-    lines = ax.get_lines()
     bx, beta = series(logs.tail, "beta")
+    notes = []
+    if not adaptive:  # said in the legend: a corner note would sit on the delta line
+        notes.append(f"beta fixed at {beta[-1]:g} (tail_test.adaptive_beta off)" if bx else "beta fixed")
+        ax.plot([], [], " ", label=f"beta = {beta[-1]:g} (fixed)" if bx else "beta fixed")
+    lines = ax.get_lines()
     if adaptive and bx:
         ax2 = ax.twinx()
-        ax2.plot(bx, beta, color="tab:brown", label="beta (adaptive)")
+        ax2.plot(bx, beta, color="tab:brown", marker="." if len(bx) < 50 else None, label="beta (adaptive)")
         ax2.set_ylabel("beta", color="tab:brown")
         lines = lines + ax2.get_lines()
     _legend_above(ax, lines)
-    return [] if adaptive else [_note(ax, f"beta fixed at {beta[-1]:g} (tail_test.adaptive_beta off)" if bx
-                                       else "beta fixed (tail_test.adaptive_beta off)", centre=False)]
+    return notes
 
 
 def _winrates(ax, logs: RunLogs) -> list[str]:
@@ -184,6 +188,9 @@ def report_png(logs: RunLogs, title: str, delta: float | None = None, adaptive: 
     for name, ax, draw in zip(PANELS, axes, draws):
         ax.set_title(name, fontsize=11, loc="left")
         notes[name] = draw(ax)
+    from matplotlib.ticker import MaxNLocator
+
+    first.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by the six step panels
     for ax in axes[:6]:
         ax.grid(alpha=0.3)
         ax.tick_params(labelbottom=True)

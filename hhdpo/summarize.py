@@ -277,9 +277,9 @@ def cli(argv: list[str]) -> int:
 
     p = StageParser(
         "hhdpo summarize",
-        "Win/loss/tie vs HH chosen per judged file (via winner_model_vs_chosen), Wilson CIs, and each file "
-        "against the first (e.g. policy vs base): exact paired sign test over shared prompts, else a "
-        "two-proportion z-test. With --config and no files: <eval dir>/<model>_judged.jsonl for --models, "
+        "Win/loss/tie vs HH chosen per judged file (via winner_model_vs_chosen), Wilson CIs, and each file\n"
+        "against the first (e.g. policy vs base): exact paired sign test over shared prompts, else a\n"
+        "two-proportion z-test. With --config and no files: <eval dir>/<model>_judged.jsonl for --models,\n"
         "written to summary.json/md/png there.", config_required=False, overrides=False,
         config_help="YAML config (a run's saved config.yaml works); with no files, summarize its eval outputs")
     p.add_argument("files", nargs="*", metavar="FILE | key.path=value",
