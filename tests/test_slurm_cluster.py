@@ -84,7 +84,8 @@ REQUEUE_SCRIPT = """#!/bin/bash
 echo "attempt ${SLURM_RESTART_COUNT:-0}"
 if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
     scontrol requeue "$SLURM_JOB_ID"
-    sleep 60
+    sleep 60  # SIGTERM ends the job; the shell may still run a line or two after its child dies
+    exit 1
 fi
 echo "done ${SLURM_RESTART_COUNT:-0}"
 """
