@@ -2,7 +2,8 @@
 
 Six panels share the optimizer-step axis (loss, reward accuracy, reward margins, grad norm
 and LR, margin quantiles with tau, p_hat against delta with beta); the win-rate chart of
-:mod:`hhdpo.summarize` goes below them. A panel whose data is missing says so on the panel.
+:mod:`hhdpo.summarize` and the key numbers go below them. A panel whose data is missing says
+so on the panel.
 Drawn with the Agg canvas (no pyplot global state: safe inside a training process).
 """
 
@@ -56,7 +57,7 @@ def _margins(ax, logs: RunLogs) -> list[str]:
     for key, style in (("rewards/chosen", "--"), ("rewards/rejected", ":")):
         xs, ys = series(logs.train, key)
         if xs:
-            ax.plot(xs, ys, color="grey", ls=style, lw=1, label=f"train {key.split('/')[1]}")
+            ax.plot(xs, ys, color="grey", ls=style, lw=1, label=f"train {key.split('/')[1]} reward")
     if logs.train or logs.evals:
         ax.axhline(0, color="black", lw=0.5)
         ax.legend(loc="best", fontsize=8)
