@@ -55,7 +55,8 @@ class SlurmCluster:
     def run(self, *args, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a command (sbatch, scontrol, ...) against this cluster; text output captured."""
         kw.setdefault("env", self.env)
-        p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+        p = subprocess.run([str(a) for a in args], check=False, capture_output=True, text=True, timeout=timeout,
+                           **kw)
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}{p.stderr}")
         return p
@@ -87,7 +88,7 @@ class SlurmCluster:
         if duplicates:
             args.append("--duplicates")
         out = self.run(*args).stdout
-        return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
+        return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line.strip()]
 
     def job_state(self, job_id) -> str | None:
         """The job's current state, first word only: from sacct when accounting is on (what submitit
@@ -163,7 +164,7 @@ def start_cluster(d: Path | str | None = None, timeout: float = 300) -> SlurmClu
     fcntl.flock(lock, fcntl.LOCK_SH)
     try:
         env = dict(os.environ, HHDPO_SLURM_STARTED_BY=STARTED_BY)
-        p = subprocess.run(["bash", str(START), str(d)], capture_output=True, text=True, env=env,
+        p = subprocess.run(["bash", str(START), str(d)], check=False, capture_output=True, text=True, env=env,
                            timeout=timeout)
         if p.returncode != 0:
             pytest.fail(f"{START} {d} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
@@ -192,7 +193,8 @@ def release_cluster(cluster: SlurmCluster) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # another test session still uses it; the last one out stops it
-        subprocess.run(["bash", str(STOP), str(cluster.dir)], capture_output=True, text=True, timeout=300)
+        subprocess.run(["bash", str(STOP), str(cluster.dir)], check=False, capture_output=True, text=True,
+                       timeout=300)
     finally:
         lock.close()
         cluster._lock = None
