@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: the local SLURM cluster)
+
 REPO = Path(__file__).resolve().parents[1]
 HH_NAME = "harmless-base-test.jsonl.gz"
 

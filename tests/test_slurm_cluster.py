@@ -12,11 +12,6 @@ import time
 
 import pytest
 
-import tests.conftest as _conftest
-
-if not hasattr(_conftest, "slurm_cluster"):  # until tests/conftest.py imports the fixture itself
-    from tests.slurm_cluster import slurm_cluster  # noqa: F401
-
 from tests.slurm_cluster import REPO, START, STOP
 
 
