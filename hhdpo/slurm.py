@@ -1,0 +1,365 @@
+"""The Python side of ``slurm/``: stage completion markers, the timeout-vs-preemption decision
+and the pipeline's sbatch commands. The sbatch scripts call it; nothing here imports torch.
+
+    slurm/pipeline.sh CONFIG [key=value ...] [--dry-run]     = python -m hhdpo.slurm pipeline ...
+    python -m hhdpo.slurm job-start STAGE --config FILE [key=value ...]   (inside a job: paths, checks)
+    python -m hhdpo.slurm job-done STAGE --config FILE [key=value ...]    (inside a job: the marker)
+    python -m hhdpo.slurm requeue-decision RUN_DIR      (train job, step exited 42: 0 requeue, 3 not)
+
+Stages run in the order train -> generate -> judge (pairwise, judge, summarize). A stage that
+finishes writes ``<run_dir>/slurm/done/<stage>.json`` with its config hash: the hash of the keys
+its outputs depend on, its upstream stages' keys included, so a changed training key invalidates
+every later marker too. A marker with another hash does not count; a stage that starts removes
+its own marker and the later ones (their inputs are about to change).
+
+Every job of a run logs to ``<run_dir>/slurm/logs/``: the sbatch ``-o`` file of the job
+(``%x-%j.out``, all attempts appended) and one ``<stage>-<job>-attempt<N>.log`` per attempt
+(N = SLURM_RESTART_COUNT), which a requeue does not overwrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hhdpo.config import Config, ConfigError, load_config, redact, run_paths
+from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK
+
+STAGES = ("train", "generate", "judge")
+SCRIPTS = {"train": "train.sbatch", "generate": "generate.sbatch", "judge": "judge.sbatch"}
+# config keys each stage's outputs depend on; a stage's hash also covers its upstream stages' keys.
+# Left out: run_dir (where, not what), checkpoint (how often, not what), vllm (engine settings,
+# tensor_parallel_size from the allocation), huggingface, wandb.
+STAGE_KEYS = {
+    "train": ("policy_model", "ref_model", "precision", "device", "trust_remote_code", "dataset", "dpo_training",
+              "tail_test"),
+    "generate": ("HH_test",),
+    "judge": ("judge", "eval"),
+}
+OPERATIONAL_KEYS = frozenset({"judge.concurrency", "judge.max_retries", "judge.timeout"})
+# extra sbatch options per stage, from the environment (partition, GPUs, time, ...)
+SBATCH_ENV = {"train": "HHDPO_TRAIN_SBATCH", "generate": "HHDPO_GENERATE_SBATCH", "judge": "HHDPO_JUDGE_SBATCH"}
+# keep equal to train.sbatch's `#SBATCH --signal=USR2@300`; HHDPO_SIGNAL_LEAD when --signal is changed
+DEFAULT_SIGNAL_LEAD = 300
+# SLURM's time-limit check runs periodically: the signal may come up to a minute before the lead
+SIGNAL_SLACK = 60
+DEFAULT_MAX_TIMEOUT_REQUEUES = 3
+REPO = Path(__file__).resolve().parents[1]
+EXIT_NO_REQUEUE = 3  # requeue-decision: do not requeue (0: requeue)
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def slurm_dir(cfg: Config) -> Path:
+    return run_paths(cfg).run.resolve() / "slurm"
+
+
+def marker_path(cfg: Config, stage: str) -> Path:
+    return slurm_dir(cfg) / "done" / f"{stage}.json"
+
+
+def attempt_log(cfg: Config, stage: str, job_id: str, restart: int) -> Path:
+    return slurm_dir(cfg) / "logs" / f"{stage}-{job_id}-attempt{restart}.log"
+
+
+def stage_inputs(cfg: Config, stage: str, models: list[str] | None = None) -> dict:
+    """The settings a stage's outputs depend on (its upstream stages' included)."""
+    d = cfg.to_dict()
+    picked: dict = {}
+    for s in STAGES[: STAGES.index(stage) + 1]:
+        for key in STAGE_KEYS[s]:
+            v = d[key]
+            if isinstance(v, dict):
+                v = {k: x for k, x in v.items() if f"{key}.{k}" not in OPERATIONAL_KEYS}
+            picked[key] = v
+    if stage != "train":
+        picked["models"] = models or ["policy", "base"]
+    if stage == "judge":  # the key picks the judge (OpenAI vs a local one); its value is never recorded
+        picked["openai_key_set"] = bool(os.environ.get("OPENAI_API_KEY"))
+    return picked
+
+
+def stage_hash(cfg: Config, stage: str, models: list[str] | None = None) -> str:
+    blob = json.dumps(stage_inputs(cfg, stage, models), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_marker(cfg: Config, stage: str) -> dict | None:
+    try:
+        return json.loads(marker_path(cfg, stage).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(cfg: Config, stage: str, models: list[str] | None = None) -> bool:
+    m = read_marker(cfg, stage)
+    return m is not None and m.get("config_hash") == stage_hash(cfg, stage, models)
+
+
+def write_marker(cfg: Config, stage: str, models: list[str] | None = None) -> Path:
+    from hhdpo.io import atomic_write_json
+
+    path = marker_path(cfg, stage)
+    atomic_write_json(path, {"stage": stage, "config_hash": stage_hash(cfg, stage, models),
+                             "job_id": os.environ.get("SLURM_JOB_ID"),
+                             "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return path
+
+
+def clear_markers_from(cfg: Config, stage: str) -> list[str]:
+    """Remove the markers of ``stage`` and every later stage; returns the stages cleared."""
+    cleared = []
+    for s in STAGES[STAGES.index(stage):]:
+        p = marker_path(cfg, s)
+        if p.exists():
+            p.unlink()
+            cleared.append(s)
+    return cleared
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def trained_with_other_config(cfg: Config) -> list[str]:
+    """Training keys that differ between ``cfg`` and the config saved in its save_dir (empty when
+    there is none or they agree): resuming there would continue another run's checkpoint."""
+    saved = run_paths(cfg).save / "config.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        old = load_config(saved)
+    except ConfigError as e:
+        return [f"{saved} does not load ({e})"]
+    return _diff(stage_inputs(old, "train"), stage_inputs(cfg, "train"))
+
+
+# --------------------------------------------------------------------------- timeout vs preemption
+
+
+def parse_time_left(text: str) -> int | None:
+    """squeue's ``%L`` ([D-]HH:MM:SS, MM:SS or SS) in seconds; None for UNLIMITED/NOT_SET/INVALID."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(?:(\d+):)?(\d+)", text.strip())
+    if not m:
+        return None
+    d, a, b, s = m.groups()
+    h, mins = (int(a), int(b)) if b is not None else (0, int(a or 0))
+    return ((int(d or 0) * 24 + h) * 60 + mins) * 60 + int(s)
+
+
+def stop_reason(time_left: int | None, lead: int) -> str:
+    """``timeout`` when the job stopped within the ``--signal`` lead of its time limit (the signal
+    SLURM sends before the limit), ``preemption`` otherwise (scancel --signal, a preempting job).
+    ``time_left`` None means no time limit: only a preemption can have stopped it."""
+    return "timeout" if time_left is not None and time_left <= lead + SIGNAL_SLACK else "preemption"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+
+
+def requeue_decision(run_dir: Path, job_id: str, time_left: int | None | str) -> tuple[bool, str]:
+    """After the training step exited 42 (checkpoint saved): requeue or not, and the log line.
+
+    Preemptions always requeue. Timeouts requeue at most HHDPO_MAX_TIMEOUT_REQUEUES times per job
+    (counted in ``<run_dir>/slurm/train-<job>.timeouts``): a job that makes no progress within its
+    time limit would otherwise time out and requeue forever. ``time_left`` "unknown" (squeue
+    failed) counts as a timeout, so that the cap still bounds the loop."""
+    lead = _env_int("HHDPO_SIGNAL_LEAD", DEFAULT_SIGNAL_LEAD)
+    cap = _env_int("HHDPO_MAX_TIMEOUT_REQUEUES", DEFAULT_MAX_TIMEOUT_REQUEUES)
+    if time_left == "unknown":
+        left, reason = "time left unknown (squeue failed)", "timeout"
+    else:
+        left = "no time limit" if time_left is None else f"{time_left} s left of the time limit"
+        reason = stop_reason(time_left, lead)
+    if reason == "preemption":
+        return True, (f"stopped by a signal with {left} (more than the {lead} s signal lead + {SIGNAL_SLACK} s): "
+                      "preemption; requeueing")
+    counter = Path(run_dir) / "slurm" / f"train-{job_id}.timeouts"
+    done = int(counter.read_text() or 0) if counter.is_file() else 0
+    if done >= cap:
+        return False, (f"stopped at the time limit ({left}, signal lead {lead} s): timeout; not requeued, "
+                       f"{done} timeout requeue(s) already (HHDPO_MAX_TIMEOUT_REQUEUES={cap}). The checkpoint is "
+                       "saved: resubmit the same command (with a longer --time) to continue")
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    counter.write_text(f"{done + 1}\n")
+    return True, (f"stopped at the time limit ({left}, signal lead {lead} s): timeout; requeueing "
+                  f"(timeout requeue {done + 1} of at most {cap})")
+
+
+def squeue_time_left(job_id: str) -> int | None | str:
+    """Seconds left of the job's time limit, None without a limit, "unknown" when squeue fails."""
+    try:
+        p = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, check=False,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = p.stdout.strip()
+    if p.returncode != 0 or not text:
+        return "unknown"
+    return parse_time_left(text)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def sbatch_command(stage: str, config: str, overrides: list[str], log_dir: Path, depends_on: str | None,
+                   extra: list[str]) -> list[str]:
+    """The sbatch argv for one stage; ``depends_on`` is a job id or a ``$var`` placeholder."""
+    cmd = ["sbatch", "--parsable", f"--job-name=hhdpo-{stage}", f"--output={log_dir}/%x-%j.out"]
+    if depends_on:
+        cmd += [f"--dependency=afterok:{depends_on}", "--kill-on-invalid-dep=yes"]
+    repo = Path(os.environ.get("HHDPO_REPO") or REPO)  # pipeline.sh: its own checkout
+    return [*cmd, *extra, str(repo / "slurm" / SCRIPTS[stage]), "--config", config, *overrides]
+
+
+def _render(cmd: list[str]) -> str:
+    # job-id placeholders stay unquoted so that the printed lines run as a shell script
+    return " ".join(a if re.fullmatch(r"--dependency=afterok:\$\w+", a) else shlex.quote(a) for a in cmd)
+
+
+def plan(cfg: Config) -> tuple[list[str], list[str]]:
+    """(stages complete with this config, stages to submit): the complete prefix is skipped; once
+    a stage is submitted every later one is too, so nothing runs on an older stage's outputs."""
+    skipped = []
+    for s in STAGES:
+        if not is_complete(cfg, s):
+            break
+        skipped.append(s)
+    return skipped, [s for s in STAGES if s not in skipped]
+
+
+def pipeline(config: str, overrides: list[str], dry_run: bool, out=print) -> int:
+    cfg = load_config(config, overrides)  # a bad key or value fails here, before anything is submitted
+    config = str(Path(config).resolve())
+    run_dir = run_paths(cfg).run.resolve()
+    if "train" in plan(cfg)[1]:
+        changed = trained_with_other_config(cfg)
+        if changed:
+            raise ConfigError(
+                f"run_dir {run_dir}: {run_paths(cfg).save} holds a training run with another config "
+                f"({'; '.join(changed[:5])}); resuming it would continue that run. Choose another run_dir "
+                "or move that one aside")
+    skipped, todo = plan(cfg)
+    log_dir = slurm_dir(cfg) / "logs"
+    for s in skipped:
+        m = read_marker(cfg, s) or {}
+        out(f"# {s}: complete (job {m.get('job_id')}, config hash {m.get('config_hash')}); skipped")
+    if not todo:
+        out(f"# every stage is complete; nothing submitted\nrun_dir: {run_dir}")
+        return EXIT_OK
+    if not dry_run:
+        log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the -o directory
+    prev = None
+    for s in todo:
+        extra = shlex.split(os.environ.get(SBATCH_ENV[s], ""))
+        if dry_run:
+            cmd = sbatch_command(s, config, overrides, log_dir, prev and f"${prev}_job", extra)
+            out(f"{s}_job=$({_render(cmd)})")
+            prev = s
+            continue
+        cmd = sbatch_command(s, config, overrides, log_dir, prev, extra)
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            print(f"hhdpo pipeline: sbatch for {s} failed ({p.returncode}): {redact(p.stderr.strip())}", file=sys.stderr)
+            if prev:
+                subprocess.run(["scancel", prev], check=False)  # its downstream goes with it
+                print(f"hhdpo pipeline: cancelled job {prev} and its dependents", file=sys.stderr)
+            return 1
+        prev = p.stdout.strip().split(";")[0]
+        out(f"{s}: job {prev}")
+    if not dry_run:
+        out(f"run_dir: {run_dir}")
+        out(f"logs: {log_dir}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- inside the jobs
+
+
+def job_start(stage: str, cfg: Config, models: list[str] | None) -> dict[str, str]:
+    """Checks before a stage runs, and the shell variables its script needs."""
+    if stage in ("generate", "judge"):
+        up = STAGES[STAGES.index(stage) - 1]
+        m = read_marker(cfg, up)
+        if m is not None and m.get("config_hash") != stage_hash(cfg, up, models):
+            raise ConfigError(f"the {up} stage in {run_paths(cfg).run} was completed with another config "
+                              f"(hash {m.get('config_hash')}, this config: {stage_hash(cfg, up, models)}): "
+                              f"its outputs are not this config's; rerun {up} (slurm/pipeline.sh does)")
+    if stage == "generate" and "policy" in (models or ["policy"]):
+        state = run_paths(cfg).state
+        status = json.loads(state.read_text()).get("status") if state.is_file() else "completed"
+        if status != "completed":
+            raise ConfigError(f"{state}: training status {status!r}, not completed: no generation from an "
+                              "unfinished model")
+    cleared = clear_markers_from(cfg, stage)
+    job, restart = os.environ.get("SLURM_JOB_ID", "local"), int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    log = attempt_log(cfg, stage, job, restart)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return {"run_dir": str(run_paths(cfg).run.resolve()), "attempt_log": str(log),
+            "cleared": " ".join(cleared)}
+
+
+def _parse_job_args(argv: list[str]):
+    from hhdpo.stage import StageParser
+
+    if not argv or argv[0] not in STAGES:
+        raise ConfigError(f"expected a stage ({', '.join(STAGES)}) first, got {argv[:1]}")
+    p = StageParser(f"hhdpo.slurm {argv[0]}", "inside a job: STAGE --config FILE [--models NAMES] [key=value ...]")
+    p.flag("models", default=None, metavar="NAMES")
+    ns = p.parse(argv[1:])
+    models = [m.strip() for m in ns.models.split(",") if m.strip()] if ns.models else None
+    return argv[0], load_config(ns.config, ns.overrides), models
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hhdpo.stage import run_stage
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
+
+    def body() -> int:
+        if cmd == "pipeline":
+            dry = "--dry-run" in rest
+            args = [a for a in rest if a != "--dry-run"]
+            if args[:1] == ["--config"]:
+                args = args[1:]
+            if not args or args[0].startswith("-"):
+                raise ConfigError("usage: slurm/pipeline.sh CONFIG [key=value ...] [--dry-run]")
+            return pipeline(args[0], args[1:], dry)
+        if cmd == "job-start":
+            stage, cfg, models = _parse_job_args(rest)
+            for k, v in job_start(stage, cfg, models).items():
+                print(f"{k}={shlex.quote(v)}")
+            return EXIT_OK
+        if cmd == "job-done":
+            stage, cfg, models = _parse_job_args(rest)
+            print(f"[slurm] {stage} complete: {write_marker(cfg, stage, models)}")
+            return EXIT_OK
+        if cmd == "requeue-decision" and len(rest) == 1:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            requeue, line = requeue_decision(Path(rest[0]), job, squeue_time_left(job) if job else None)
+            print(f"[slurm] {line}")
+            return EXIT_OK if requeue else EXIT_NO_REQUEUE
+        raise ConfigError(f"usage: python -m hhdpo.slurm pipeline|job-start|job-done|requeue-decision ...; got {argv!r}")
+
+    return run_stage("slurm/pipeline.sh" if cmd == "pipeline" else f"hhdpo.slurm {cmd}", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
