@@ -27,6 +27,9 @@ the end of the last step (data collation, forward/backward, clipping, optimizer 
 Model FLOPs = 6*N*tokens (policy fwd+bwd) + 2*N*tokens (live reference forward), N = all
 parameters (the tied embedding counted once, as the LM head), attention FLOPs ignored; shown
 as a fraction of the measured 2048^3 matmul rate (fp32 for fp32 runs, bf16 for bf16 runs).
+On a CPU without native bf16 (no AVX512_BF16/AMX_BF16, e.g. AVX2 only) the bf16 configs and
+the bf16 matmul peak are skipped, with the reason printed: bf16 is emulated there and runs
+tens of times slower than fp32, so those runs would take hours and measure only the emulation.
 This is the usual model-FLOPs convention: work a trainer skips (hhdpo's LM head at prompt and
 padding positions, padding between length groups) still counts, so it measures useful tokens
 per second against the machine, not the arithmetic actually executed.
@@ -325,7 +328,7 @@ def child_matmul(a) -> dict:
     out = {}
     s0 = cpu_snapshot()
     n = 2048
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:1 if a.skip_bf16 else 2]:
         x = torch.randn(n, n, dtype=dtype)
         y = torch.randn(n, n, dtype=dtype)
         for _ in range(3):
@@ -427,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="show the children's stderr")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--raw-rows", dest="raw_rows", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--skip-bf16", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.steps = a.steps or a.pairs // a.batch_size
     if a.pairs < a.batch_size or a.steps <= a.warmup:
@@ -446,7 +450,17 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
     sys.path.insert(0, str(REPO))
-    from hhdpo.models import resolve_model
+    from hhdpo.models import bf16_matmul_slowdown, cpu_bf16_native, resolve_model
+
+    native, why = cpu_bf16_native()
+    a.skip_bf16 = not native
+    if a.skip_bf16:
+        skipped = [n for n in names if CONFIGS[n][1] == "bf16"]
+        names = [n for n in names if CONFIGS[n][1] != "bf16"]
+        print(f"# skipping bf16 ({', '.join(skipped) or 'no configs'} and the bf16 matmul peak): no native bf16 on this CPU "
+              f"({why}); a 256^2 bf16 matmul takes {bf16_matmul_slowdown():.0f}x the fp32 time here", flush=True)
+        if not names:
+            return 0
 
     model_dir = resolve_model("smollm2")
     n_params = count_params(model_dir)
@@ -454,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     a.child_argv = ["--data", a.data, "--pairs", str(a.pairs), "--batch-size", str(a.batch_size), "--steps", str(a.steps),
                     "--warmup", str(a.warmup), "--max-len", str(a.max_len), "--max-prompt-len", str(a.max_prompt_len),
                     "--threads", str(a.threads), "--matmul-reps", str(a.matmul_reps), "--profile", str(a.profile),
-                    "--raw-rows", str(a.raw_rows)]
+                    "--raw-rows", str(a.raw_rows)] + (["--skip-bf16"] if a.skip_bf16 else [])
     print(f"# DPO train throughput: SmolLM2-135M ({n_params / 1e6:.1f}M params), first {a.pairs} HH pairs of {a.data} "
           f"({a.raw_rows} records), batch {a.batch_size} pairs, max_len {a.max_len}/prompt {a.max_prompt_len}, "
           f"{a.steps} steps ({a.warmup} warm-up), {a.threads} threads, {os.cpu_count()} cores", flush=True)
@@ -469,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         if not a.profile:
             peak = _run_matmul(a)
             results["matmul_flops"] = peak
+            bf16 = f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s " if "bf16" in peak else ""
             print(f"# matmul 2048^3 ({a.threads} threads, best of {a.matmul_reps}): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-                  f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s (others' CPU {peak['others_cores']:.2f} cores)", flush=True)
+                  f"{bf16}(others' CPU {peak['others_cores']:.2f} cores)", flush=True)
         for name in names:
             r = run_child(a, name, cache_root, model_dir)
             results["runs"][name] = r

@@ -168,8 +168,12 @@ def cpu_bf16_native() -> tuple[bool, str]:
     return bool(flags), f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {found}"
 
 
-def bf16_matmul_slowdown(n: int = 256, reps: int = 3) -> float:
-    """Time of an n x n bf16 matmul over the fp32 one on this CPU (best of ``reps`` each)."""
+def bf16_matmul_slowdown(n: int = 256, reps: int = 5) -> float:
+    """Time of an n x n bf16 matmul over the fp32 one on this CPU (best of ``reps``, one thread).
+
+    One thread: with several, a core busy elsewhere stalls OpenMP's barriers and the ratio
+    measures the contention, not the arithmetic.
+    """
     import torch
 
     def best(dtype) -> float:
@@ -182,7 +186,12 @@ def bf16_matmul_slowdown(n: int = 256, reps: int = 3) -> float:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    return best(torch.bfloat16) / best(torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best(torch.bfloat16) / best(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)
@@ -361,11 +370,46 @@ def load_sharded(model, spec: str, device) -> None:
             b.copy_(buffers[n])
         for key in msg[1]:
             t = live[key]
-            full = (sd[key].to(device=device, dtype=t.dtype) if rank0
-                    else torch.empty(t.shape, dtype=t.dtype, device=device))
+            full = sd[key].to(device=device, dtype=t.dtype) if rank0 else None
+            if isinstance(t, DTensor) and _row_sharded(t):
+                _scatter_rows(full, t.to_local(), t.shape)
+                continue
+            if not rank0:
+                full = torch.empty(t.shape, dtype=t.dtype, device=device)
             dist.broadcast(full, src=0)
             if isinstance(t, DTensor):
                 t.to_local().copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None).to_local())
             else:
                 t.copy_(full)
             del full
+
+
+def _row_sharded(t) -> bool:
+    """FSDP2's usual layout: dim 0 split over a 1-D mesh of all ranks (torch.chunk's sizes)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    return (t.device_mesh.ndim == 1 and t.device_mesh.size() == dist.get_world_size() and t.dim() > 0
+            and tuple(t.placements) == (Shard(0),))
+
+
+def _scatter_rows(full, local, shape) -> None:
+    """Rank 0's ``full`` tensor scattered by rows into each rank's ``local`` shard.
+
+    A scatter, not a broadcast: the other ranks never hold the full tensor. Chunks are padded
+    to one size (collectives need equal sizes) only where torch.chunk leaves them short.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world, rows = dist.get_world_size(), -(-shape[0] // dist.get_world_size())
+    fits = local.shape[0] == rows and local.is_contiguous()
+    recv = local if fits else torch.empty((rows, *shape[1:]), dtype=local.dtype, device=local.device)
+    chunks = None
+    if full is not None:
+        chunks = [c if c.shape[0] == rows else torch.cat([c, c.new_zeros((rows - c.shape[0], *shape[1:]))])
+                  for c in full.chunk(world)]
+        chunks += [full.new_zeros((rows, *shape[1:]))] * (world - len(chunks))
+    dist.scatter(recv, chunks, src=0)
+    if recv is not local:
+        local.copy_(recv[:local.shape[0]])

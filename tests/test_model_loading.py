@@ -15,11 +15,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
 
 @pytest.fixture(scope="module", params=["tied", "untied"])
 def tiny_dir(request, tmp_path_factory):
-    """A 2-layer random Llama; the untied one with Llama-3.1's rope scaling (a non-default inv_freq)."""
+    """A 2-layer random Llama; the untied one with Llama-3.1's rope scaling (a non-default inv_freq).
+    An odd vocabulary: the embedding's rows split unevenly over 2 ranks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tied = request.param == "tied"
-    cfg = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=161, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
                       **({} if tied else {"rope_parameters": LLAMA3_ROPE}))
     torch.manual_seed(0)
@@ -108,7 +109,8 @@ def _loader_checks(rank, world, model_dir) -> dict:
     models.LazyStateDict.__getitem__ = get
     res.update(reads=reads, buffers={n: b.clone() for n, b in model.named_buffers()},
                tied_after_step=model.lm_head.weight is model.model.embed_tokens.weight,
-               shard_rows=model.model.layers[0].mlp.up_proj.weight.to_local().shape[0])
+               shard_rows=model.model.layers[0].mlp.up_proj.weight.to_local().shape[0],
+               embed_rows=model.model.embed_tokens.weight.to_local().shape[0])
     return res
 
 
@@ -134,6 +136,7 @@ def test_sharded_meta_load_matches_plain_load(tiny_dir, ranks):
             assert torch.equal(got["buffers"][n], b), n
         assert got["tied_after_step"] == tied
         assert got["shard_rows"] == 64  # 128 rows of up_proj, half per rank
+    assert [r["loader"]["embed_rows"] for r in ranks] == [81, 80]  # torch.chunk's uneven split
     assert ranks[1]["loader"]["reads"] == []
     reads = ranks[0]["loader"]["reads"]
     stored = 1 + 2 * 9 + 1 + (0 if tied else 1)  # embed, 9 per layer, final norm, lm_head unless tied
