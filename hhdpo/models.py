@@ -176,15 +176,15 @@ def bf16_matmul_slowdown(n: int = 256, reps: int = 5) -> float:
     """
     import torch
 
+    def once(x) -> float:
+        t0 = time.perf_counter()
+        torch.mm(x, x)
+        return time.perf_counter() - t0
+
     def best(dtype) -> float:
-        x, y = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(x, y)  # first call pays oneDNN's kernel setup
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(x, y)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        x = torch.randn(n, n).to(dtype)
+        once(x)  # the first call pays oneDNN's kernel setup
+        return min(once(x) for _ in range(reps))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -317,35 +317,29 @@ def _checkpoint_keys(model, sd: LazyStateDict) -> tuple[list[str], str | None]:
     aliases = _aliases(model)  # a tied weight may be stored under either name
     persistent = set(model.state_dict().keys())
     wanted = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in persistent and n in sd]
-    out, missing, bad = [], [], []
-    for name, t in wanted:
-        key = next((n for n in aliases.get(id(t), [name]) if n in sd), None)
-        if key is None:
-            missing.append(name)
-        elif tuple(sd.shapes[key]) != tuple(t.shape):
-            bad.append(f"{key} {tuple(sd.shapes[key])} vs {tuple(t.shape)}")
-        else:
-            out.append(key)
+    keys = {name: next((n for n in aliases.get(id(t), [name]) if n in sd), None) for name, t in wanted}
+    missing = [name for name, k in keys.items() if k is None]
+    bad = [f"{k} {sd.shapes[k]} vs {tuple(t.shape)}" for (_, t), k in zip(wanted, keys.values())
+           if k is not None and sd.shapes[k] != tuple(t.shape)]
     if missing:
         return [], f"its safetensors lack {len(missing)} of the model's tensors, e.g. {missing[:3]}"
     if bad:
         return [], f"its safetensors disagree with its config on {len(bad)} shapes (stored vs model), e.g. {bad[:3]}"
-    return out, None
+    return list(keys.values()), None
 
 
 def load_sharded(model, spec: str, device) -> None:
     """Materialise an FSDP2-sharded meta model on ``device`` with ``spec``'s weights.
 
-    Call on every rank after ``fully_shard``. Rank 0 reads each tensor once and broadcasts it;
-    every rank keeps only its own shard. Buffers computed at construction (rotary
+    Call on every rank after ``fully_shard``. Rank 0 reads each tensor once and scatters its
+    rows; every rank keeps only its own shard. Buffers computed at construction (rotary
     ``inv_freq``) are kept, since ``to_empty`` leaves them uninitialised.
     """
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    rank0 = dist.get_rank() == 0
-    keys, error = [], None
+    rank0, keys, error = dist.get_rank() == 0, [], None
     if rank0:
         try:
             sd = LazyStateDict(weights_dir(spec))

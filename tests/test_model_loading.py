@@ -3,6 +3,7 @@ plain ``from_pretrained``, on 2 gloo ranks; and the training precision checks of
 
 from __future__ import annotations
 
+import json
 import types
 import warnings
 
@@ -75,15 +76,36 @@ def _worker(rank, world, port, model_dir, out):
     import torch.distributed as dist
 
     _init(rank, world, port)
-    torch.save({"loader": _loader_checks(rank, world, model_dir), "trainer": _trainer_checks(rank, world, model_dir)},
-               out / f"rank{rank}.pt")
+    torch.save({"loader": _loader_checks(rank, world, model_dir), "trainer": _trainer_checks(rank, world, model_dir),
+                "short": _short_checkpoint(world, out / "short")}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _short_checkpoint(world, model_dir) -> str:
+    """What each rank raises for a checkpoint lacking tensors (rank 0 alone reads it: no rank may hang)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hhdpo import models
+
+    model = models.meta_model(str(model_dir), torch.float32)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    try:
+        models.load_sharded(model, str(model_dir), torch.device("cpu"))
+    except models.ModelError as e:
+        return str(e)
+    return "loaded"
 
 
 @pytest.fixture(scope="module")
 def ranks(tiny_dir, tmp_path_factory) -> list[dict]:
     """What each of 2 gloo ranks measured (one spawn per model: starting ranks is the slow part)."""
     out = tmp_path_factory.mktemp("ranks")
+    short = out / "short"  # the config asks for a third layer that the weights do not have
+    short.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    (short / "model.safetensors").symlink_to(tiny_dir / "model.safetensors")
     _spawn(_worker, tiny_dir, out)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
@@ -183,6 +205,15 @@ def test_trainer_builds_sharded_models_from_meta_with_a_compute_dtype_reference(
         assert not torch.equal(got["logits"]["policy"], want["policy"])  # really computed in bf16
 
 
+def test_a_checkpoint_lacking_tensors_fails_on_every_rank_as_bad_input(ranks):
+    from hhdpo.errors import BadInput
+    from hhdpo.models import ModelError
+
+    assert issubclass(ModelError, BadInput)
+    for r in ranks:
+        assert "its safetensors lack 9 of the model's tensors" in r["short"] and "model.layers.2." in r["short"], r["short"]
+
+
 # ----------------------------------------------------------------------------- precision
 
 
@@ -226,3 +257,4 @@ def test_bf16_on_cpu_without_native_bf16_warns_once(monkeypatch, native):
     else:
         assert len(msgs) == 1, msgs
         assert "without native bf16" in msgs[0] and "no AVX512_BF16/AMX_BF16" in msgs[0] and "x the fp32 time" in msgs[0]
+
