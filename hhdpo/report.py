@@ -6,7 +6,7 @@
 Writes ``report.png`` (training curves, tail test, eval win rates: :mod:`hhdpo.report_plot`)
 and ``report.html`` (the PNG embedded as base64, so the page is one self-contained file,
 plus the key numbers as text) into the save_dir. ``train`` (rank 0) and ``eval`` call
-:func:`write_report` when they finish. Missing pieces are noted, not errors; an empty or
+:func:`write_report_or_warn` when they finish. Missing pieces are noted, not errors; an empty or
 malformed log is a DataError naming ``file:line`` (exit 2).
 """
 
@@ -125,6 +125,16 @@ def write_report_or_warn(cfg, log=print) -> Path | None:
         return write_report(cfg, log=log)
     except Exception as e:  # noqa: BLE001 - the run's real outputs are already saved
         log(f"[report] warning: no report ({type(e).__name__}: {e}); run `hhdpo report` to see why")
+        return None
+
+
+def write_report_or_warn(cfg, log=print) -> Path | None:
+    """:func:`write_report` at the end of ``train`` (rank 0) and ``eval``: a report that cannot be
+    drawn is logged as a warning there and returns None, never failing the finished run."""
+    try:
+        return write_report(cfg, log=log)
+    except Exception as e:  # noqa: BLE001 - the run's own work is done and saved; the report is extra
+        log(f"[report] warning: report not written ({type(e).__name__}: {e}); rerun `hhdpo report` after fixing it")
         return None
 
 

@@ -144,6 +144,19 @@ def test_bad_metrics_exit_2_naming_the_line(tmp_path, capsys, content, line, wha
         R.write_report(load_config(save / "config.yaml"))
 
 
+def test_train_and_eval_hook_warns_instead_of_failing(tmp_path):
+    save = make_run(tmp_path, evaluated=False)
+    cfg = load_config(save / "config.yaml")
+    said = []
+    assert R.write_report_or_warn(cfg, log=said.append) == save / "report.html"
+    (save / "report.html").unlink()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{oops\n')
+    said.clear()
+    assert R.write_report_or_warn(cfg, log=said.append) is None
+    assert not (save / "report.html").exists()
+    assert len(said) == 1 and "warning: report not written" in said[0] and f"{save / 'metrics.jsonl'}:2:" in said[0]
+
+
 def test_bad_command_lines(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         R.cli([])
