@@ -30,7 +30,7 @@ from hhdpo import checkpoint as ckpt
 from hhdpo.checkpoint import find_resume_checkpoint
 from hhdpo.config import Config, ConfigError, config_reference, redact, run_paths, save_config
 from hhdpo.data import load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
-from hhdpo.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted
+from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.forward import pair_batch, response_logps
 from hhdpo.io import DataError, atomic_write_json
 from hhdpo.launch import adopt_slurm_env, in_distributed_env, run_under_torchrun
@@ -49,14 +49,19 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp)
 
 
-def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
-    """Device, process-group backend and compute dtype, decided at run time."""
+def check_training_precision(cfg: Config) -> None:
     if cfg.precision == "fp16":
         # fp16 gradients underflow without loss scaling, and there is no FSDP2-aware scaler here
         raise ConfigError("precision: fp16 is not supported for training (no loss scaling); use bf16 (or fp32)")
+
+
+def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
+    """Device, process-group backend and compute dtype, decided at run time."""
+    check_training_precision(cfg)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # under --gpus-per-task=1 every task sees one device, cuda:0, whatever its LOCAL_RANK
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -69,6 +74,7 @@ def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before any process is spawned or anything is written."""
+    check_training_precision(cfg)
     ds = cfg.dataset
     load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
     resolve_model(cfg.policy_model)
@@ -150,8 +156,8 @@ class DPOTrainer:
         # validation runs whole batches on every rank; fewer pairs than that cannot make one
         self.validates = len(self.val_idx) >= self.world * t.batch_size
         if not self.validates:
-            self._log(f"[train] no validation: {len(self.val_idx)} validation pairs (dataset.val_ratio={ds.val_ratio}) "
-                      f"are fewer than one batch across ranks ({self.world} x batch_size {t.batch_size})")
+            self._log(f"[train] no validation: the validation split has {len(self.val_idx)} pair(s) (dataset.val_ratio="
+                      f"{ds.val_ratio}), fewer than one batch across ranks ({self.world} x batch_size {t.batch_size})")
         # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks)
         self.group_by_length = t.group_by_length if t.group_by_length is not None else self.world == 1
 
@@ -426,6 +432,8 @@ def run(cfg: Config) -> int:
     Bad input found only here (too few pairs for the batch, a chat template that cannot
     render a pair) exits 2 like the launcher's own checks: rank 0 records it in
     run_state.json (status ``bad_input``, which the launcher maps to exit 2) and says it once.
+    With ``HHDPO_EXIT_FROM_STATE=1`` (set by a launcher that takes the exit status from
+    run_state.json) the workers exit 0 instead, so that torchrun adds no traceback of its own.
     """
     try:
         return DPOTrainer(cfg).train()
@@ -435,7 +443,7 @@ def run(cfg: Config) -> int:
             msg = redact(str(e))
             atomic_write_json(run_paths(cfg).state, {"status": "bad_input", "message": msg})
             print(f"hhdpo train: error: {msg}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return EXIT_OK if os.environ.get("HHDPO_EXIT_FROM_STATE") == "1" else EXIT_BAD_INPUT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
