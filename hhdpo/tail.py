@@ -4,7 +4,9 @@ The seed's research instrument: watch the upper tail of the global margin distri
 M = (log pi(c) - log pi(r)) - (log pi_ref(c) - log pi_ref(r)).
 
 - Warmup (first ``warmup_steps`` optimizer steps): pool every step's global margins once;
-  at the end tau_0 = quantile(pooled, 1 - delta).
+  at the end tau_0 = quantile(pooled, 1 - delta). With ``warmup_steps`` 0 there is no pool:
+  tau starts at the first step's own batch quantile (the EMA of that one batch) and the
+  test runs from step 1.
 - After warmup, each step: tau <- (1 - lambda) tau + lambda quantile(M_batch, 1 - delta);
   p_hat = mean(M_batch > tau); risk_over = p_hat > delta.
 - Adaptive beta (optional): u = (p_hat - delta) / sqrt(delta (1 - delta) / n),
@@ -52,7 +54,7 @@ class TailTest:
 
     def __init__(self, cfg_tail, warmup_steps: int, beta: float, log_dir: str | Path | None):
         self.cfg = cfg_tail
-        self.warmup_steps = max(1, warmup_steps)
+        self.warmup_steps = warmup_steps
         self.q = 1.0 - cfg_tail.delta
         self.beta = beta
         self.tau: float | None = None
@@ -80,7 +82,8 @@ class TailTest:
                 self.pool = []
                 out = {"type": "warmup_end", "step": step, "tau_0": self.tau, "beta": self.beta}
         else:
-            self.tau = ema_threshold(self.tau, margins, self.q, c.lambda_)
+            start = self.tau if self.tau is not None else float(np.quantile(margins, self.q))  # no warmup
+            self.tau = ema_threshold(start, margins, self.q, c.lambda_)
             p_hat = exceedance(margins, self.tau)
             if c.adaptive_beta:
                 self.beta = adapt_beta(self.beta, p_hat, c.delta, margins.size, c.alpha, c.gamma, c.beta_min, c.beta_max)

@@ -57,3 +57,19 @@ def test_state_roundtrip_continues_identically():
     for i, m in enumerate(steps[1:], 2):
         c.update(m, i, 0)
     assert (c.tau, c.beta) == pytest.approx((a.tau, a.beta))
+
+
+def test_warmup_zero_means_no_warmup_pool(tmp_path):
+    """tail_test.warmup_steps 0: the test runs from step 1, tau starting at that step's own quantile."""
+    rng = np.random.default_rng(2)
+    steps = [rng.normal(size=10) for _ in range(3)]
+    tt = TailTest(cfg(adaptive_beta=True), warmup_steps=0, beta=0.1, log_dir=tmp_path)
+    out1 = tt.update(steps[0], 1, epoch=0)
+    tau1 = np.quantile(steps[0], 0.8)
+    assert "type" not in out1 and out1["tau"] == pytest.approx(tau1)
+    assert out1["p_hat"] == pytest.approx(np.mean(steps[0] > tau1))
+    assert out1["beta"] == pytest.approx(adapt_beta(0.1, out1["p_hat"], 0.2, 10, 0.1, 1.0, 0.01, 1.0))
+    out2 = tt.update(steps[1], 2, epoch=0)
+    assert out2["tau"] == pytest.approx(0.5 * tau1 + 0.5 * np.quantile(steps[1], 0.8))
+    log = read_jsonl(tmp_path / "global_tail_test_and_beta_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and not any(r.get("type") == "warmup_end" for r in log)
