@@ -83,11 +83,18 @@ def preference_loss(
     (the reference terms are 0 when ``reference_free``) and eps = ``label_smoothing``:
 
     - ``sigmoid`` (DPO, Rafailov et al. 2023, eq. 7; with eps > 0 the conservative cDPO of
-      Mitchell 2023): L = -(1 - eps) log s(beta h) - eps log s(-beta h)
+      Mitchell 2023): L = -(1 - eps) log s(beta h) - eps log s(-beta h). TRL 1.x's sigmoid
+      loss has no label smoothing; ours is its loss mixed with that of the swapped pair.
     - ``robust`` (Chowdhury et al. 2024, "Provably Robust DPO", eq. 5):
       L = ((1 - eps) (-log s(beta h)) - eps (-log s(-beta h))) / (1 - 2 eps)
     - ``hinge`` (SLiC, Zhao et al. 2023): L = max(0, 1 - beta h)
-    - ``ipo`` (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2
+    - ``ipo`` (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2, meant for length-averaged
+      log-probs (``dpo_training.average_log_prob`` defaults to that for ipo; TRL divides the
+      log-ratios by the response lengths, the same loss). On summed log-probs h is tens to
+      hundreds against a target of 1 / (2 beta).
+
+    Each matches TRL's loss of the same name on the same log-probs (``tests/test_loss_vs_trl.py``);
+    the rewards are on the log-probs given, so averaged ones for ipo by default.
 
     Args:
         policy_*_logps: (B,) log-probs of chosen/rejected responses under the policy.

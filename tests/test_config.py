@@ -87,3 +87,13 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert config_reference() in readme, "regenerate the README's config reference from hhdpo.config.config_reference()"
+
+
+def test_average_log_prob_auto_resolves_by_loss_type_and_is_saved_resolved(tmp_path):
+    assert load_config(None).dpo_training.average_log_prob is False
+    ipo = load_config(None, ["dpo_training.loss_type=ipo"])
+    assert ipo.dpo_training.average_log_prob is True
+    assert load_config(None, ["dpo_training.loss_type=ipo", "dpo_training.average_log_prob=false"]).dpo_training.average_log_prob is False
+    assert load_config(None, ["dpo_training.average_log_prob=true"]).dpo_training.average_log_prob is True
+    saved = yaml.safe_load(save_config(ipo, tmp_path).read_text())
+    assert saved["dpo_training"]["average_log_prob"] is True
