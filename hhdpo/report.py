@@ -119,16 +119,6 @@ def write_report(cfg, log=print) -> Path:
 
 
 def write_report_or_warn(cfg, log=print) -> Path | None:
-    """:func:`write_report` at the end of ``train`` and ``eval``: a report that cannot be drawn is
-    a warning there, never a failed run (``hhdpo report`` itself exits 2 on the same input)."""
-    try:
-        return write_report(cfg, log=log)
-    except Exception as e:  # noqa: BLE001 - the run's real outputs are already saved
-        log(f"[report] warning: no report ({type(e).__name__}: {e}); run `hhdpo report` to see why")
-        return None
-
-
-def write_report_or_warn(cfg, log=print) -> Path | None:
     """:func:`write_report` at the end of ``train`` (rank 0) and ``eval``: a report that cannot be
     drawn is logged as a warning there and returns None, never failing the finished run."""
     try:
