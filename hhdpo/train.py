@@ -30,7 +30,7 @@ from hhdpo import checkpoint as ckpt
 from hhdpo.checkpoint import find_resume_checkpoint
 from hhdpo.config import Config, ConfigError, config_reference, redact, run_paths, save_config
 from hhdpo.data import load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
-from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
+from hhdpo.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.forward import pair_batch, response_logps
 from hhdpo.io import DataError, atomic_write_json
 from hhdpo.launch import adopt_slurm_env, in_distributed_env, run_under_torchrun
@@ -432,8 +432,6 @@ def run(cfg: Config) -> int:
     Bad input found only here (too few pairs for the batch, a chat template that cannot
     render a pair) exits 2 like the launcher's own checks: rank 0 records it in
     run_state.json (status ``bad_input``, which the launcher maps to exit 2) and says it once.
-    With ``HHDPO_EXIT_FROM_STATE=1`` (set by a launcher that takes the exit status from
-    run_state.json) the workers exit 0 instead, so that torchrun adds no traceback of its own.
     """
     try:
         return DPOTrainer(cfg).train()
@@ -443,7 +441,7 @@ def run(cfg: Config) -> int:
             msg = redact(str(e))
             atomic_write_json(run_paths(cfg).state, {"status": "bad_input", "message": msg})
             print(f"hhdpo train: error: {msg}", file=sys.stderr, flush=True)
-        return EXIT_OK if os.environ.get("HHDPO_EXIT_FROM_STATE") == "1" else EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
