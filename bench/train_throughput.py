@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
     sys.path.insert(0, str(REPO))
-    from hhdpo.models import bf16_matmul_slowdown, cpu_bf16_native, resolve_model
+    from hhdpo.models import resolve_model
+    from hhdpo.precision import bf16_matmul_slowdown, cpu_bf16_native
 
     native, why = cpu_bf16_native()
     a.skip_bf16 = not native

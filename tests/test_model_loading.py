@@ -86,12 +86,12 @@ def _short_checkpoint(world, model_dir) -> str:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hhdpo import models
+    from hhdpo import models, precision, sharded_load  # noqa: F401
 
-    model = models.meta_model(str(model_dir), torch.float32)
+    model = sharded_load.meta_model(str(model_dir), torch.float32)
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     try:
-        models.load_sharded(model, str(model_dir), torch.device("cpu"))
+        sharded_load.load_sharded(model, str(model_dir), torch.device("cpu"))
     except models.ModelError as e:
         return str(e)
     return "loaded"
@@ -114,21 +114,21 @@ def _loader_checks(rank, world, model_dir) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hhdpo import models
+    from hhdpo import models, precision, sharded_load  # noqa: F401
 
     reads = []
-    get = models.LazyStateDict.__getitem__
-    models.LazyStateDict.__getitem__ = lambda self, k: reads.append(k) or get(self, k)
-    model = models.meta_model(str(model_dir), torch.float32)
+    get = sharded_load.LazyStateDict.__getitem__
+    sharded_load.LazyStateDict.__getitem__ = lambda self, k: reads.append(k) or get(self, k)
+    model = sharded_load.meta_model(str(model_dir), torch.float32)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    models.load_sharded(model, str(model_dir), torch.device("cpu"))
+    sharded_load.load_sharded(model, str(model_dir), torch.device("cpu"))
     res = _measure(model)
-    models.LazyStateDict.__getitem__ = get
+    sharded_load.LazyStateDict.__getitem__ = get
     res.update(reads=reads, buffers={n: b.clone() for n, b in model.named_buffers()},
                tied_after_step=model.lm_head.weight is model.model.embed_tokens.weight,
                shard_rows=model.model.layers[0].mlp.up_proj.weight.to_local().shape[0],
@@ -236,13 +236,13 @@ def test_fp16_training_is_refused_as_bad_config():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_cpu_without_native_bf16_warns_once(monkeypatch, native):
-    from hhdpo import models
+    from hhdpo import models, precision, sharded_load  # noqa: F401
     from hhdpo.train import resolve_runtime
 
     caps = {"avx2": True, "avx512_bf16": native, "amx_bf16": False}
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    models.warn_if_cpu_bf16_emulated.cache_clear()
+    precision.warn_if_cpu_bf16_emulated.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -250,7 +250,7 @@ def test_bf16_on_cpu_without_native_bf16_warns_once(monkeypatch, native):
                 assert resolve_runtime(_cfg("bf16"))[2] == torch.bfloat16
             resolve_runtime(_cfg("fp32"))
     finally:
-        models.warn_if_cpu_bf16_emulated.cache_clear()
+        precision.warn_if_cpu_bf16_emulated.cache_clear()
     msgs = [str(w.message) for w in seen if "bf16" in str(w.message)]
     if native:
         assert msgs == []
