@@ -39,7 +39,8 @@ from hhdpo.metrics import PAIR_SUMS, MetricsLogger, add_step, eval_record, pair_
 from hhdpo.models import ModelError, cache_dir, decoder_layer_classes, load_model, load_tokenizer, resolve_model
 from hhdpo.optim import make_optimizer, optimizer_step
 from hhdpo.ref_logps import cache_file, cached_or_computed, compute_all, ref_cache_key
-from hhdpo.models import load_sharded, meta_model, warn_if_cpu_bf16_emulated
+from hhdpo.precision import warn_if_cpu_bf16_emulated
+from hhdpo.sharded_load import load_sharded, meta_model
 from hhdpo.stage import StageParser, load_stage_config, run_stage
 from hhdpo.tail import TailTest
 

@@ -183,7 +183,7 @@ def test_single_process_resume_and_group_by_length(tmp_path, hh_file, tiny_llama
     the length-grouped forwards and bf16 autocast train on the same losses as one padded fp32 forward."""
     common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", "dpo_training.batch_size=4",
               "dataset.max_len=96", "dataset.max_prompt_len=64", "dpo_training.lr_scheduler=constant"]
-    from hhdpo.models import cpu_bf16_native
+    from hhdpo.precision import cpu_bf16_native
 
     runs = {}
     # bf16: 2 steps only, since without AVX512_BF16/AMX each bf16 matmul is emulated (~100x an fp32 one)
