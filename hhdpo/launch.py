@@ -71,6 +71,7 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return out
 
 
+STATE_REPORTED_BY_LAUNCHER = "HHDPO_LAUNCHER_READS_STATE"  # set for the workers of run_under_torchrun
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
 
@@ -82,7 +83,8 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}",
            f"--shutdown-timeout={shutdown_timeout}", "-m", module, *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+               **{STATE_REPORTED_BY_LAUNCHER: "1"})
     started = time.time()
     proc = subprocess.Popen(cmd, env=env)
 
@@ -100,3 +102,18 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
         status = json.loads(state_file.read_text()).get("status")
         return {"preempted": EXIT_PREEMPTED, "completed": EXIT_OK, "bad_input": EXIT_BAD_INPUT}.get(status, rc)
     return rc
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without option ``--name`` (both spellings, ``--x v`` and ``--x=v``): what the
+    launcher handles itself is not passed on to the workers."""
+    forms = {f"--{name}", f"--{name.replace('_', '-')}"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in forms:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in forms)):
+            out.append(a)
+    return out

@@ -13,8 +13,8 @@ Exit status: 0 done, 2 bad config/input, 42 preempted (checkpoint saved; requeue
 
 from __future__ import annotations
 
-import copy
 import gc
+import json
 import os
 import random
 import signal
@@ -30,17 +30,16 @@ from hhdpo import checkpoint as ckpt
 from hhdpo.checkpoint import find_resume_checkpoint
 from hhdpo.config import Config, ConfigError, config_reference, redact, run_paths, save_config
 from hhdpo.data import load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
-from hhdpo.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted
+from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.forward import pair_batch, response_logps
 from hhdpo.io import DataError, atomic_write_json
-from hhdpo.launch import adopt_slurm_env, in_distributed_env, run_under_torchrun
+from hhdpo.launch import STATE_REPORTED_BY_LAUNCHER, adopt_slurm_env, in_distributed_env, run_under_torchrun, strip_option
 from hhdpo.loss import implicit_margins, preference_loss
 from hhdpo.metrics import PAIR_SUMS, MetricsLogger, add_step, eval_record, pair_sums, train_record, truncate_after_step
-from hhdpo.models import ModelError, cache_dir, decoder_layer_classes, load_model, load_tokenizer, resolve_model
+from hhdpo.models import cache_dir, load_tokenizer, resolve_model
 from hhdpo.optim import make_optimizer, optimizer_step
 from hhdpo.ref_logps import cache_file, cached_or_computed, compute_all, ref_cache_key
-from hhdpo.precision import warn_if_cpu_bf16_emulated
-from hhdpo.sharded_load import load_sharded, meta_model
+from hhdpo.runtime import build_model, check_training_precision, resolve_runtime  # noqa: F401 (resolve_runtime: API)
 from hhdpo.stage import StageParser, load_stage_config, run_stage
 from hhdpo.tail import TailTest
 
@@ -48,29 +47,6 @@ from hhdpo.tail import TailTest
 def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
     # torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp)
-
-
-def check_training_precision(cfg: Config) -> None:
-    if cfg.precision == "fp16":
-        # fp16 gradients underflow without loss scaling, and there is no FSDP2-aware scaler here
-        raise ConfigError("precision: fp16 is not supported for training (no loss scaling); use bf16 (or fp32)")
-
-
-def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
-    """Device, process-group backend and compute dtype, decided at run time."""
-    check_training_precision(cfg)
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        # under --gpus-per-task=1 every task sees one device, cuda:0, whatever its LOCAL_RANK
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    if not use_cuda and dtype == torch.bfloat16 and os.environ.get("LOCAL_RANK", "0") == "0":
-        warn_if_cpu_bf16_emulated()  # once per node: the ranks share the CPU
-    return device, ("nccl" if use_cuda else "gloo"), dtype
 
 
 def preflight(cfg: Config) -> None:
@@ -204,34 +180,7 @@ class DPOTrainer:
         self._stop_signal = signum
 
     def _build_model(self, spec: str, trainable: bool):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # fp32 master weights for training (bf16 only as FSDP's compute dtype); a frozen model needs no fp32 copy
-        dtype = torch.float32 if trainable else self.dtype
-        trc = self.cfg.trust_remote_code
-        # sharded: no rank holds the weights in host RAM; rank 0 streams them into the shards below
-        model = meta_model(spec, dtype, trc) if self.world > 1 else load_model(spec, dtype=dtype, trust_remote_code=trc)
-        hf_config = copy.deepcopy(model.config)
-        arch = type(model).__name__
-        model.config.use_cache = False
-        if trainable and self.cfg.dpo_training.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.world > 1:
-            mesh = init_device_mesh(self.device.type, (self.world,))
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if dtype != self.dtype else MixedPrecisionPolicy()
-            layer_cls = decoder_layer_classes(model, self.cfg.dpo_training.fsdp_layer_cls)
-            for module in model.modules():
-                if isinstance(module, layer_cls):
-                    fully_shard(module, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
-            load_sharded(model, spec, self.device)
-        else:
-            model.to(self.device)
-        model.train(trainable)
-        if not trainable:
-            model.requires_grad_(False)
-        return model, hf_config, arch
+        return build_model(self.cfg, spec, trainable, self.device, self.dtype, self.world)
 
     # ------------------------------------------------------------------ forward
 
@@ -442,7 +391,9 @@ def run(cfg: Config) -> int:
             msg = redact(str(e))
             atomic_write_json(run_paths(cfg).state, {"status": "bad_input", "message": msg})
             print(f"hhdpo train: error: {msg}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        # under hhdpo's own torchrun the launcher reports the recorded state as exit 2; a failed
+        # worker would make torchrun print its ChildFailedError traceback over the message
+        return EXIT_OK if os.environ.get(STATE_REPORTED_BY_LAUNCHER) else EXIT_BAD_INPUT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -461,31 +412,18 @@ def cli(argv: list[str] | None = None) -> int:
         distributed = in_distributed_env() or adopt_slurm_env()
         preflight(cfg)  # on every rank: under srun a rank that skipped it would wait for one that failed
         if not distributed:
-            fwd = _strip_nproc(list(argv if argv is not None else sys.argv[1:]))
+            fwd = strip_option(list(argv if argv is not None else sys.argv[1:]), "nproc_per_node")
             return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, run_paths(cfg).state)
         rc = run(cfg)
-        if rc == 0 and int(os.environ.get("RANK", 0)) == 0:
+        state = run_paths(cfg).state
+        completed = state.is_file() and json.loads(state.read_text()).get("status") == "completed"
+        if rc == 0 and completed and int(os.environ.get("RANK", 0)) == 0:
             from hhdpo.report import write_report_or_warn
 
             write_report_or_warn(cfg)
         return rc
 
     return run_stage("hhdpo train", body)
-
-
-def _strip_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--nproc-per-node", "--nproc_per_node"):
-            skip = True
-            continue
-        if a.startswith(("--nproc-per-node=", "--nproc_per_node=")):
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -172,7 +172,9 @@ def _trainer_checks(rank, world, model_dir) -> dict:
     def no_full_load(*a, **k):
         raise AssertionError("a rank loaded the full model")
 
-    ht.load_model = no_full_load
+    import hhdpo.runtime as hr
+
+    hr.load_model = no_full_load
     cfg = Config()
     cfg.dpo_training.activation_checkpointing = True
     trainer = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.bfloat16, world=world, rank=rank)
