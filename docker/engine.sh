@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# A private Docker engine for CI and the container tests (root only; Debian's docker.io).
+#   docker/engine.sh start   start dockerd (idempotent); prints `export DOCKER_HOST=...`
+#   docker/engine.sh stop    remove the images it built, stop dockerd by pid, delete its state
+#   docker/engine.sh host    print the DOCKER_HOST value
+# Everything (data root, exec root, socket, pid file, log) lives under $HHDPO_ENGINE_DIR, so
+# it never touches a system engine. No iptables and no bridge: these machines allow neither;
+# builds use --network=host to reach the package registries and containers run without network.
+set -euo pipefail
+
+DIR=${HHDPO_ENGINE_DIR:-/tmp/hhdpo-engine}
+SOCK=$DIR/docker.sock
+PIDFILE=$DIR/dockerd.pid
+HOST=unix://$SOCK
+# The dockerd package's own client matches the daemon's API; any newer client also works.
+DOCKER_CLI=${DOCKER_CLI:-docker}
+
+running() { [[ -S $SOCK ]] && DOCKER_HOST=$HOST "$DOCKER_CLI" version >/dev/null 2>&1; }
+
+start() {
+    if running; then echo "export DOCKER_HOST=$HOST"; return; fi
+    command -v dockerd >/dev/null || { echo "engine.sh: dockerd not found (apt-get install docker.io)" >&2; exit 1; }
+    mkdir -p "$DIR"
+    rm -f "$SOCK" "$PIDFILE"
+    # setsid: the engine must not share the caller's process group (a Ctrl-C or a test
+    # timeout must not kill it halfway); stop() ends it by pid.
+    setsid dockerd --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false --bridge=none \
+        --data-root "$DIR/data" --exec-root "$DIR/exec" --pidfile "$PIDFILE" -H "$HOST" \
+        --log-level warn >"$DIR/dockerd.log" 2>&1 </dev/null &
+    for _ in $(seq 120); do
+        if running; then echo "export DOCKER_HOST=$HOST"; return; fi
+        kill -0 $! 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "engine.sh: dockerd did not start; last lines of $DIR/dockerd.log:" >&2
+    tail -n 20 "$DIR/dockerd.log" >&2
+    exit 1
+}
+
+stop() {
+    [[ -f $PIDFILE ]] || return 0
+    local pid
+    pid=$(cat "$PIDFILE")
+    if running; then
+        # Everything in this data root was built or imported here; remove it so a stopped engine
+        # leaves nothing behind (the data root goes too, below).
+        local ids
+        ids=$(DOCKER_HOST=$HOST "$DOCKER_CLI" ps -aq)
+        [[ -z $ids ]] || DOCKER_HOST=$HOST "$DOCKER_CLI" rm -f $ids >/dev/null
+        ids=$(DOCKER_HOST=$HOST "$DOCKER_CLI" images -aq)
+        [[ -z $ids ]] || DOCKER_HOST=$HOST "$DOCKER_CLI" rmi -f $ids >/dev/null 2>&1 || true
+    fi
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid"
+        for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "engine.sh: dockerd $pid ignored SIGTERM for 30 s; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    # A killed dockerd can leave its overlay mounts behind; rm -rf cannot delete through them.
+    grep -o " $DIR/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    rm -rf "$DIR"
+}
+
+case ${1:-} in
+    start) start ;;
+    stop) stop ;;
+    host) echo "$HOST" ;;
+    *) echo "usage: $0 start|stop|host" >&2; exit 2 ;;
+esac
