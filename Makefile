@@ -3,6 +3,7 @@
 #   make test       the test suite (what CI runs)
 #   make demo       the whole chain offline on SmolLM2: train -> generate -> judge -> summarize
 #   make train      train with $(CONFIG) on $(NPROC) ranks; ARGS="key=value ..." for overrides
+#   make submit     the whole chain of $(CONFIG) as SLURM jobs (slurm/pipeline.sh): train -> generate -> judge
 #   make bench      throughput benchmarks (prints ratios; not tests)
 
 PYTHON  ?= python3
@@ -23,7 +24,7 @@ ifneq ($(strip $(HH_DATA)),)
 DATA_ARGS := dataset.dataset_name=$(HH_DATA) HH_test.hh_test=$(HH_DATA)
 endif
 
-.PHONY: setup test test-fast train demo eval bench clean
+.PHONY: setup test test-fast train demo eval submit bench clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +54,11 @@ demo:
 
 eval:
 	$(HHDPO) eval --config $(CONFIG) $(DATA_ARGS) $(ARGS)
+
+# One sbatch job per stage, chained with afterok; prints the job ids and the run directory. Per-stage
+# sbatch options: HHDPO_TRAIN_SBATCH="-N 2 ...", HHDPO_GENERATE_SBATCH, HHDPO_JUDGE_SBATCH (slurm/pipeline.sh).
+submit:
+	HHDPO_BIN=$(abspath $(VENV))/bin slurm/pipeline.sh $(CONFIG) $(DATA_ARGS) $(ARGS)
 
 bench:
 	$(PY) bench/train_throughput.py $(if $(HH_DATA),--data $(HH_DATA))

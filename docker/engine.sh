@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private Docker engine for CI and the container tests (root only; Debian's docker.io).
 #   docker/engine.sh start   start dockerd (idempotent); prints `export DOCKER_HOST=...`
-#   docker/engine.sh stop    remove the images it built, stop dockerd by pid, delete its state
+#   docker/engine.sh stop    stop dockerd by pid, then delete its state: images, build cache and all
 #   docker/engine.sh host    print the DOCKER_HOST value
 # Everything (data root, exec root, socket, pid file, log) lives under $HHDPO_ENGINE_DIR, so
 # it never touches a system engine. No iptables and no bridge: these machines allow neither;
@@ -38,29 +38,22 @@ start() {
 }
 
 stop() {
-    [[ -f $PIDFILE ]] || return 0
     local pid
-    pid=$(cat "$PIDFILE")
-    if running; then
-        # Everything in this data root was built or imported here; remove it so a stopped engine
-        # leaves nothing behind (the data root goes too, below).
-        local ids
-        ids=$(DOCKER_HOST=$HOST "$DOCKER_CLI" ps -aq)
-        [[ -z $ids ]] || DOCKER_HOST=$HOST "$DOCKER_CLI" rm -f $ids >/dev/null
-        ids=$(DOCKER_HOST=$HOST "$DOCKER_CLI" images -aq)
-        [[ -z $ids ]] || DOCKER_HOST=$HOST "$DOCKER_CLI" rmi -f $ids >/dev/null 2>&1 || true
-    fi
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    pid=$(cat "$PIDFILE" 2>/dev/null || true)
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid"  # dockerd stops its containers and its containerd, then exits
+        for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         if kill -0 "$pid" 2>/dev/null; then
-            echo "engine.sh: dockerd $pid ignored SIGTERM for 30 s; killing it" >&2
+            echo "engine.sh: dockerd $pid ignored SIGTERM for 60 s; killing it" >&2
             kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
     # A killed dockerd can leave its overlay mounts behind; rm -rf cannot delete through them.
     grep -o " $DIR/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-    rm -rf "$DIR"
+    # Every image, container and cache this engine built lives in its data root: remove it all
+    # (only the paths this script made, whatever HHDPO_ENGINE_DIR points at).
+    rm -rf "$DIR/data" "$DIR/exec" "$SOCK" "$PIDFILE" "$DIR/dockerd.log"
+    rmdir "$DIR" 2>/dev/null || true
 }
 
 case ${1:-} in

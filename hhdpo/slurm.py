@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from hhdpo.config import Config, ConfigError, load_config, redact, run_paths
-from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK
+from hhdpo.errors import EXIT_OK
 
 STAGES = ("train", "generate", "judge")
 SCRIPTS = {"train": "train.sbatch", "generate": "generate.sbatch", "judge": "judge.sbatch"}
@@ -218,6 +218,21 @@ def squeue_time_left(job_id: str) -> int | None | str:
 # --------------------------------------------------------------------------- pipeline
 
 
+def _jobs_file(cfg: Config) -> Path:
+    return slurm_dir(cfg) / "jobs.json"  # the job ids of the latest submission
+
+
+def jobs_in_flight(cfg: Config) -> list[str]:
+    """Job ids of the run's latest submission that are still queued or running (a requeued job
+    too): a second submission beside them would write the same run_dir."""
+    try:
+        ids = set(json.loads(_jobs_file(cfg).read_text()).values())
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return []
+    p = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True, check=False)
+    return sorted(ids & set(p.stdout.split()), key=int) if p.returncode == 0 else []
+
+
 def sbatch_command(stage: str, config: str, overrides: list[str], log_dir: Path, depends_on: str | None,
                    extra: list[str]) -> list[str]:
     """The sbatch argv for one stage; ``depends_on`` is a job id or a ``$var`` placeholder."""
@@ -255,6 +270,10 @@ def pipeline(config: str, overrides: list[str], dry_run: bool, out=print) -> int
                 f"run_dir {run_dir}: {run_paths(cfg).save} holds a training run with another config "
                 f"({'; '.join(changed[:5])}); resuming it would continue that run. Choose another run_dir "
                 "or move that one aside")
+    busy = jobs_in_flight(cfg)
+    if busy:
+        raise ConfigError(f"run_dir {run_dir}: job(s) {', '.join(busy)} of an earlier submission are still queued or "
+                          "running; wait for them (a rerun then skips what they completed) or scancel them")
     skipped, todo = plan(cfg)
     log_dir = slurm_dir(cfg) / "logs"
     for s in skipped:
@@ -265,7 +284,7 @@ def pipeline(config: str, overrides: list[str], dry_run: bool, out=print) -> int
         return EXIT_OK
     if not dry_run:
         log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the -o directory
-    prev = None
+    prev, submitted = None, {}
     for s in todo:
         extra = shlex.split(os.environ.get(SBATCH_ENV[s], ""))
         if dry_run:
@@ -276,12 +295,14 @@ def pipeline(config: str, overrides: list[str], dry_run: bool, out=print) -> int
         cmd = sbatch_command(s, config, overrides, log_dir, prev, extra)
         p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if p.returncode != 0:
-            print(f"hhdpo pipeline: sbatch for {s} failed ({p.returncode}): {redact(p.stderr.strip())}", file=sys.stderr)
+            print(f"slurm/pipeline.sh: sbatch for {s} failed ({p.returncode}): {redact(p.stderr.strip())}",
+                  file=sys.stderr)
             if prev:
-                subprocess.run(["scancel", prev], check=False)  # its downstream goes with it
-                print(f"hhdpo pipeline: cancelled job {prev} and its dependents", file=sys.stderr)
+                subprocess.run(["scancel", prev], check=False)
+                print(f"slurm/pipeline.sh: cancelled job {prev}, submitted just before", file=sys.stderr)
             return 1
-        prev = p.stdout.strip().split(";")[0]
+        prev = submitted[s] = p.stdout.strip().split(";")[0]
+        _jobs_file(cfg).write_text(json.dumps(submitted) + "\n")
         out(f"{s}: job {prev}")
     if not dry_run:
         out(f"run_dir: {run_dir}")

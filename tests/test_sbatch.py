@@ -2,8 +2,9 @@
 the pieces of hhdpo/slurm.py they rely on (markers, timeout vs preemption, the dry-run commands).
 
 The cluster's two nodes share this machine's cores: training runs use a tiny random Llama (or
-SmolLM2 for the pipeline) on a few HH pairs, and the two 2-node jobs run side by side (each takes
-one CPU per node). Run directories live under a world-traversable directory in /tmp.
+SmolLM2 for the pipeline) on a few HH pairs, and every cluster job of the module is submitted at
+once (fixture ``jobs``) so that SLURM runs them side by side; each test then waits for its own.
+Run directories live under a world-traversable directory in /tmp.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,13 +53,21 @@ def _env(base: dict | None = None, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_llama_dir):
-    """A world-traversable directory in /tmp (both nodes read it) holding a copy of the tiny Llama."""
+def shared():
+    """A world-traversable directory in /tmp for the jobs' files (both nodes read it)."""
     d = Path(tempfile.mkdtemp(prefix="hhdpo-sbatch-", dir="/tmp"))
     d.chmod(0o755)
-    shutil.copytree(tiny_llama_dir, d / "tiny")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(shared, tiny_llama_dir) -> Path:
+    """The tests' tiny random Llama, copied where both nodes read it."""
+    return Path(shutil.copytree(tiny_llama_dir, shared / "tiny"))
+
+
+STEPS = 12  # the preempted run gets USR2 once step 2 is logged: enough steps left on a fast machine
 
 
 def tiny_train(hh_file, run_dir, model, **kw) -> list[str]:
@@ -64,7 +75,7 @@ def tiny_train(hh_file, run_dir, model, **kw) -> list[str]:
     o = {"run_dir": run_dir, "dataset.dataset_name": hh_file, "dataset.subset": "train[:64]", "dataset.val_ratio": 0,
          "dataset.max_len": 64, "dataset.max_prompt_len": 40, "dpo_training.batch_size": 1,
          "dpo_training.learning_rate": 1e-5, "dpo_training.warmup_steps": 2, "dpo_training.log_steps": 1,
-         "dpo_training.max_steps": 8, "checkpoint.save_steps": 0, "policy_model": model, "ref_model": model}
+         "dpo_training.max_steps": STEPS, "checkpoint.save_steps": 0, "policy_model": model, "ref_model": model}
     o.update(kw)
     return [f"{k}={v}" for k, v in o.items()]
 
@@ -194,35 +205,79 @@ def _sbatch_train(cluster, cwd: Path, out: Path, overrides: list[str], *opts, en
 
 
 @pytest.fixture(scope="module")
-def two_node_runs(slurm_cluster, shared, hh_file):
-    """Two 2-node x 1-rank trainings side by side: one uninterrupted, one sent USR2 mid-run."""
+def jobs(slurm_cluster, shared, tiny, hh_file):
+    """Every job of the cluster tests, submitted at once; SLURM runs them side by side as the four
+    CPUs (two per node) free up. Two threads act on running jobs: USR2 to one 2-node training once
+    it logged step 2, and a shorter time limit for the timeout job once it trains.
+
+    - full, preempted: 2 nodes x 1 rank each, the same tiny training; preempted gets USR2
+    - timeout: 1 node, 1 task (hhdpo train runs its own torchrun), HHDPO_MAX_TIMEOUT_REQUEUES=0
+    - pipe: slurm/pipeline.sh's whole chain on SmolLM2, from another working directory
+    - failing: slurm/pipeline.sh whose training fails (its data file does not exist)
+    """
     c = slurm_cluster
-    runs = {name: shared / name for name in ("full", "preempted")}
     t0 = time.monotonic()
-    jobs = {name: _sbatch_train(c, shared, shared / f"{name}-%j.out", tiny_train(hh_file, run, shared / "tiny"),
-                                "-N", "2", "-t", "20")
-            for name, run in runs.items()}
-    out = {name: shared / f"{name}-{job}.out" for name, job in jobs.items()}
-    pre = jobs["preempted"]
-    c.wait_for(lambda: _steps_logged(runs["preempted"]) >= 2 or c.job_state(pre) not in (None, "PENDING", "RUNNING"),
-               300, f"job {pre} at step 2")
-    c.run("scancel", "--signal=USR2", pre)
-    states = {name: c.wait_job(job, timeout=420) for name, job in jobs.items()}
-    yield {"jobs": jobs, "runs": runs, "out": out, "states": states, "wall": time.monotonic() - t0}
+    runs = {name: shared / name for name in ("full", "preempted", "timeout")}
+    ids = {name: _sbatch_train(c, shared, shared / f"{name}-%j.out", tiny_train(hh_file, runs[name], tiny),
+                               "-N", "2", "-t", "20") for name in ("full", "preempted")}
+    ids["timeout"] = _sbatch_train(
+        c, shared, shared / "timeout-%j.out", tiny_train(hh_file, runs["timeout"], tiny, **{"dpo_training.max_steps": 100000}),
+        "-t", "20", "--signal=USR2@60", env=_env(c.env, HHDPO_SIGNAL_LEAD="60", HHDPO_MAX_TIMEOUT_REQUEUES="0"))
+    cwd = shared / "elsewhere"  # pipeline.sh from any working directory: run_dir=pipe is relative to it
+    cwd.mkdir()
+    pipe_args = [CFG, "run_dir=pipe", f"dataset.dataset_name={hh_file}", f"HH_test.hh_test={hh_file}", *PIPE_ARGS]
+    pipe = _pipeline(c, cwd, *pipe_args)
+    assert pipe.returncode == 0, pipe.stderr
+    # while the chain is queued or running, another submission of the same run is refused
+    busy = _pipeline(c, cwd, *pipe_args, "--dry-run")
+    failing = _pipeline(c, shared, CFG, f"run_dir={shared / 'failing'}",
+                        f"dataset.dataset_name={shared / 'missing.jsonl.gz'}")
+    assert failing.returncode == 0, failing.stderr
+
+    def preempt():
+        pre = ids["preempted"]
+        c.wait_for(lambda: _steps_logged(runs["preempted"]) >= 2 or c.job_state(pre) not in (None, "PENDING", "RUNNING"),
+                   600, f"job {pre} at step 2")
+        c.run("scancel", "--signal=USR2", pre)
+
+    def shorten_time_limit():
+        job = ids["timeout"]
+        c.wait_for(lambda: _steps_logged(runs["timeout"]) >= 1 or c.job_state(job) not in (None, "PENDING", "RUNNING"),
+                   600, f"job {job} training")
+        # 120 s left: the signal comes at slurmctld's next time-limit check (every 30 s) that finds
+        # at most the 60 s lead + 30 s left, and the step ends well before the limit
+        limit = int(hs.parse_time_left(c.job_info(job)["RunTime"])) + 120
+        c.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 3600}:{limit % 3600 // 60:02d}:{limit % 60:02d}")
+
+    def downstream_reasons():  # read at once: slurmctld forgets a finished job after MinJobAge (60 s)
+        out = {}
+        for stage, job in _ids(failing.stdout).items():
+            if stage != "train":
+                out[stage] = (c.wait_job(job, timeout=900), c.job_info(job).get("Reason"))
+        return out
+
+    with ThreadPoolExecutor(3) as pool:
+        actions = {"preempt": pool.submit(preempt), "shorten": pool.submit(shorten_time_limit),
+                   "downstream": pool.submit(downstream_reasons)}
+        yield SimpleNamespace(ids=ids, runs=runs, out={n: shared / f"{n}-{j}.out" for n, j in ids.items()},
+                              actions=actions, pipe=pipe, pipe_args=pipe_args, pipe_cwd=cwd, busy=busy,
+                              failing=failing, t0=t0)
+        for a in actions.values():  # a test that did not get to wait for its action
+            a.cancel()
 
 
 @pytest.mark.slow
-def test_train_sbatch_on_two_nodes_writes_the_hf_model(two_node_runs):
-    job, run, out = (two_node_runs[k]["full"] for k in ("jobs", "runs", "out"))
+def test_train_sbatch_on_two_nodes_writes_the_hf_model(slurm_cluster, jobs):
+    job, run, out = jobs.ids["full"], jobs.runs["full"], jobs.out["full"]
+    assert slurm_cluster.wait_job(job, timeout=900) == "COMPLETED", _read(out)[-3000:]
     text = _read(out)
-    assert two_node_runs["states"]["full"] == "COMPLETED", text[-3000:]
     assert "[train] world=2 device=cpu backend=gloo" in text, text[-3000:]
     assert {"[slurm] rank 0 of 2 on n1", "[slurm] rank 1 of 2 on n2"} <= set(text.splitlines()), text[-3000:]
     assert "on n1,n2 (run_dir" in text
     hf = run / "model"
     assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (hf / "model.safetensors").stat().st_size > 0 and (hf / "tokenizer.json").is_file()
-    assert [s for s, _ in _losses(run)] == list(range(1, 9))
+    assert [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
     marker = json.loads((run / "slurm" / "done" / "train.json").read_text())
     assert marker["job_id"] == job and marker["config_hash"] == hs.stage_hash(load_config(hf / "config.yaml"), "train")
     # the per-attempt log holds what the -o file holds for that attempt
@@ -231,12 +286,13 @@ def test_train_sbatch_on_two_nodes_writes_the_hf_model(two_node_runs):
 
 
 @pytest.mark.slow
-def test_usr2_mid_run_requeues_itself_and_resumes_with_the_same_losses(slurm_cluster, two_node_runs):
-    job, run, out = (two_node_runs[k]["preempted"] for k in ("jobs", "runs", "out"))
+def test_usr2_mid_run_requeues_itself_and_resumes_with_the_same_losses(slurm_cluster, jobs):
+    job, run, out = jobs.ids["preempted"], jobs.runs["preempted"], jobs.out["preempted"]
+    jobs.actions["preempt"].result()
+    assert slurm_cluster.wait_job(job, timeout=900) == "COMPLETED", _read(out)[-4000:]
     text = _read(out)
-    assert two_node_runs["states"]["preempted"] == "COMPLETED", text[-4000:]
     m = re.search(r"\[train\] preempted at step (\d+): checkpoint saved", text)
-    assert m and 2 <= int(m.group(1)) < 8, text[-4000:]
+    assert m and 2 <= int(m.group(1)) < STEPS, text[-4000:]
     assert "preemption; requeueing" in text and "timeout;" not in text
     assert re.search(rf"\[ckpt\] resumed from .*step_{int(m.group(1)):07d} at step {m.group(1)}", text), text[-4000:]
     # two attempts, each with its own log, and the -o file holding both
@@ -244,37 +300,25 @@ def test_usr2_mid_run_requeues_itself_and_resumes_with_the_same_losses(slurm_clu
     assert [p.name for p in logs] == [f"train-{job}-attempt0.log", f"train-{job}-attempt1.log"]
     assert "preempted at step" in _read(logs[0]) and "resumed from" not in _read(logs[0])
     assert "resumed from" in _read(logs[1]) and "saved Hugging Face model" in _read(logs[1])
-    assert "train: job %s attempt 1 on n1,n2" % job in text
-    states = slurm_cluster.wait_for(
-        lambda: (s := [r["State"] for r in slurm_cluster.sacct(job, duplicates=True)]) == ["REQUEUED", "COMPLETED"]
-        and s, 30, f"sacct {job}: REQUEUED, COMPLETED")
-    assert states == ["REQUEUED", "COMPLETED"]
+    assert f"train: job {job} attempt 1 on n1,n2" in text
+    slurm_cluster.wait_for(lambda: [r["State"] for r in slurm_cluster.sacct(job, duplicates=True)] == ["REQUEUED", "COMPLETED"],
+                           30, f"sacct {job}: REQUEUED, COMPLETED")
     # the same per-step losses as the uninterrupted run
-    full, resumed = _losses(two_node_runs["runs"]["full"]), _losses(run)
-    assert [s for s, _ in resumed] == [s for s, _ in full] == list(range(1, 9))
+    assert slurm_cluster.wait_job(jobs.ids["full"], timeout=900) == "COMPLETED"
+    full, resumed = _losses(jobs.runs["full"]), _losses(run)
+    assert [s for s, _ in resumed] == [s for s, _ in full] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([v for _, v in resumed], [v for _, v in full], rtol=1e-5)
-    print(f"two 2-node jobs side by side, one preempted and requeued: {two_node_runs['wall']:.0f} s")
 
 
 @pytest.mark.slow
-def test_time_limit_signal_is_a_timeout_and_the_cap_stops_requeueing(slurm_cluster, shared, hh_file):
+def test_time_limit_signal_is_a_timeout_and_the_cap_stops_requeueing(slurm_cluster, jobs):
     """SLURM's own --signal before the time limit (the limit shortened once training runs): the job
     says timeout, not preemption, and with HHDPO_MAX_TIMEOUT_REQUEUES=0 it is not requeued but
-    ends with 42 and its checkpoint. One node, one task: hhdpo train runs its own torchrun."""
+    ends with 42 and its checkpoint."""
     c = slurm_cluster
-    run = shared / "timeout"
-    env = _env(c.env, HHDPO_SIGNAL_LEAD="60", HHDPO_MAX_TIMEOUT_REQUEUES="0")
-    job = _sbatch_train(c, shared, shared / "timeout-%j.out",
-                        tiny_train(hh_file, run, shared / "tiny", **{"dpo_training.max_steps": 100000}),
-                        "-t", "20", "--signal=USR2@60", env=env)
-    out = shared / f"timeout-{job}.out"
-    c.wait_for(lambda: _steps_logged(run) >= 1 or c.job_state(job) not in (None, "PENDING", "RUNNING"), 300,
-               f"job {job} training")
-    run_s = int(hs.parse_time_left(c.job_info(job)["RunTime"]))
-    # 100 s left: within the 60 s lead plus slurmctld's 30 s check period, so the signal comes soon
-    limit = run_s + 100
-    c.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 3600}:{limit % 3600 // 60:02d}:{limit % 60:02d}")
-    assert c.wait_job(job, timeout=300) == "FAILED", _read(out)[-3000:]
+    job, run, out = jobs.ids["timeout"], jobs.runs["timeout"], jobs.out["timeout"]
+    jobs.actions["shorten"].result()
+    assert c.wait_job(job, timeout=900) == "FAILED", _read(out)[-3000:]
     text = _read(out)
     assert "[train] preempted at step" in text
     assert "timeout; not requeued, 0 timeout requeue(s) already (HHDPO_MAX_TIMEOUT_REQUEUES=0)" in text, text[-3000:]
@@ -286,9 +330,13 @@ def test_time_limit_signal_is_a_timeout_and_the_cap_stops_requeueing(slurm_clust
     assert list((run / "model" / "checkpoints").glob("step_*/meta.json"))
 
 
+# SmolLM2, tiny. Generation through transformers: each vLLM CPU engine start costs minutes on this
+# 2-core machine (the vLLM path is tested in test_generate and test_eval_e2e); the judge is the
+# local vLLM one, as in `hhdpo eval` without a key.
 PIPE_ARGS = ("dataset.subset=train[:64]", "dataset.max_len=64", "dataset.max_prompt_len=40", "dataset.val_ratio=0",
              "dpo_training.batch_size=2", "dpo_training.max_steps=2", "dpo_training.log_steps=1", "checkpoint.save_steps=0",
-             "HH_test.num_sample=4", "HH_test.max_new_tokens=16", "judge.max_output_tokens=32", "judge.concurrency=4")
+             "HH_test.num_sample=4", "HH_test.max_new_tokens=16", "HH_test.backend=transformers",
+             "judge.max_output_tokens=32", "judge.concurrency=4")
 
 
 def _pipeline(cluster, cwd: Path, *args) -> subprocess.CompletedProcess:
@@ -297,24 +345,19 @@ def _pipeline(cluster, cwd: Path, *args) -> subprocess.CompletedProcess:
 
 
 def _ids(stdout: str) -> dict[str, str]:
-    return dict(re.findall(r"^(train|generate|judge): job (\d+)$", stdout, re.M))
+    return dict(re.findall(r"^(train|generate|judge): job (\d+)$", stdout, re.MULTILINE))
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_pipeline_runs_the_chain_to_a_summary_and_skips_it_when_complete(slurm_cluster, shared, hh_file):
+def test_pipeline_runs_the_chain_to_a_summary_and_skips_it_when_complete(slurm_cluster, jobs):
     c = slurm_cluster
-    cwd = shared / "elsewhere"  # any working directory: run_dir below is relative to it
-    cwd.mkdir()
-    args = [CFG, "run_dir=pipe", f"dataset.dataset_name={hh_file}", f"HH_test.hh_test={hh_file}", *PIPE_ARGS]
-    p = _pipeline(c, cwd, *args)
-    assert p.returncode == 0, p.stderr
-    ids = _ids(p.stdout)
-    run = cwd / "pipe"
-    assert list(ids) == ["train", "generate", "judge"] and f"run_dir: {run}" in p.stdout, p.stdout
+    ids, run = _ids(jobs.pipe.stdout), jobs.pipe_cwd / "pipe"
+    assert list(ids) == ["train", "generate", "judge"] and f"run_dir: {run}" in jobs.pipe.stdout, jobs.pipe.stdout
+    assert jobs.busy.returncode == 2 and "of an earlier submission are still queued or running" in jobs.busy.stderr
     logs = run / "slurm" / "logs"
     for stage, job in ids.items():
-        state = c.wait_job(job, timeout=900)
+        state = c.wait_job(job, timeout=1200)
         assert state == "COMPLETED", _read(logs / f"hhdpo-{stage}-{job}.out")[-4000:]
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert {r["label"]: r["n"] for r in summary["files"]} == {"policy": 4, "base": 4}
@@ -325,32 +368,30 @@ def test_pipeline_runs_the_chain_to_a_summary_and_skips_it_when_complete(slurm_c
     assert sorted(p.name for p in (run / "slurm" / "done").iterdir()) == ["generate.json", "judge.json", "train.json"]
 
     # the same run again: every stage is complete, nothing is submitted
-    again = _pipeline(c, cwd, *args)
+    again = _pipeline(c, jobs.pipe_cwd, *jobs.pipe_args)
     assert again.returncode == 0 and "every stage is complete; nothing submitted" in again.stdout, again.stderr
     assert not _ids(again.stdout)
     # another judging setting: only the judge stage, with no dependency
-    dry = _pipeline(c, cwd, *args, "judge.max_output_tokens=24", "--dry-run")
+    dry = _pipeline(c, jobs.pipe_cwd, *jobs.pipe_args, "judge.max_output_tokens=24", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "# train: complete" in dry.stdout and "# generate: complete" in dry.stdout
     assert dry.stdout.count("$(sbatch ") == 1 and "judge_job=$(sbatch" in dry.stdout and "--dependency" not in dry.stdout
+    print(f"every cluster job of this module done {time.monotonic() - jobs.t0:.0f} s after submission")
 
 
 @pytest.mark.slow
-def test_failed_train_job_cancels_the_chain_and_writes_nothing_downstream(slurm_cluster, shared):
+def test_failed_train_job_cancels_the_chain_and_writes_nothing_downstream(slurm_cluster, shared, jobs):
     """The config loads (so pipeline.sh submits) but training fails: its data file does not exist."""
     c = slurm_cluster
-    args = [CFG, f"run_dir={shared / 'failing'}", f"dataset.dataset_name={shared / 'missing.jsonl.gz'}"]
-    p = _pipeline(c, shared, *args)
-    assert p.returncode == 0, p.stderr
-    ids = _ids(p.stdout)
-    assert c.wait_job(ids["train"], timeout=120) == "FAILED"
-    for stage in ("generate", "judge"):
-        assert c.wait_job(ids[stage], timeout=60) == "CANCELLED"
-        assert c.job_info(ids[stage])["Reason"] == "DependencyNeverSatisfied"
+    ids = _ids(jobs.failing.stdout)
+    assert c.wait_job(ids["train"], timeout=900) == "FAILED"
+    assert jobs.actions["downstream"].result() == {"generate": ("CANCELLED", "DependencyNeverSatisfied"),
+                                                   "judge": ("CANCELLED", "DependencyNeverSatisfied")}
     run = shared / "failing"
     logs = run / "slurm" / "logs"
     assert "missing.jsonl.gz: data file not found" in _read(logs / f"hhdpo-train-{ids['train']}.out")
     assert sorted(p.name for p in logs.iterdir()) == [f"hhdpo-train-{ids['train']}.out", f"train-{ids['train']}-attempt0.log"]
     assert not (run / "eval").exists() and not (run / "slurm" / "done").exists()
-    rows = {r["JobID"]: r for r in c.sacct(",".join(ids.values()))}
+    rows = {r["JobID"]: r for r in c.sacct(",".join(ids.values()), ("JobID", "State", "ExitCode", "Start"))}
     assert rows[ids["train"]]["ExitCode"] == "2:0"
+    assert rows[ids["generate"]]["Start"] == rows[ids["judge"]]["Start"] == "None"  # never started
