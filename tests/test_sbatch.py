@@ -217,12 +217,7 @@ def jobs(slurm_cluster, shared, tiny, hh_file):
     """
     c = slurm_cluster
     t0 = time.monotonic()
-    runs = {name: shared / name for name in ("full", "preempted", "timeout")}
-    ids = {name: _sbatch_train(c, shared, shared / f"{name}-%j.out", tiny_train(hh_file, runs[name], tiny),
-                               "-N", "2", "-t", "20") for name in ("full", "preempted")}
-    ids["timeout"] = _sbatch_train(
-        c, shared, shared / "timeout-%j.out", tiny_train(hh_file, runs["timeout"], tiny, **{"dpo_training.max_steps": 100000}),
-        "-t", "20", "--signal=USR2@60", env=_env(c.env, HHDPO_SIGNAL_LEAD="60", HHDPO_MAX_TIMEOUT_REQUEUES="0"))
+    # the pipeline first: its three jobs in a row are the longest path
     cwd = shared / "elsewhere"  # pipeline.sh from any working directory: run_dir=pipe is relative to it
     cwd.mkdir()
     pipe_args = [CFG, "run_dir=pipe", f"dataset.dataset_name={hh_file}", f"HH_test.hh_test={hh_file}", *PIPE_ARGS]
@@ -233,6 +228,12 @@ def jobs(slurm_cluster, shared, tiny, hh_file):
     failing = _pipeline(c, shared, CFG, f"run_dir={shared / 'failing'}",
                         f"dataset.dataset_name={shared / 'missing.jsonl.gz'}")
     assert failing.returncode == 0, failing.stderr
+    runs = {name: shared / name for name in ("full", "preempted", "timeout")}
+    ids = {name: _sbatch_train(c, shared, shared / f"{name}-%j.out", tiny_train(hh_file, runs[name], tiny),
+                               "-N", "2", "-t", "20") for name in ("full", "preempted")}
+    ids["timeout"] = _sbatch_train(
+        c, shared, shared / "timeout-%j.out", tiny_train(hh_file, runs["timeout"], tiny, **{"dpo_training.max_steps": 100000}),
+        "-t", "20", "--signal=USR2@60", env=_env(c.env, HHDPO_SIGNAL_LEAD="60", HHDPO_MAX_TIMEOUT_REQUEUES="0"))
 
     def preempt():
         pre = ids["preempted"]
