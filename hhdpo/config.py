@@ -277,14 +277,15 @@ def config_reference() -> str:
     def walk(cls, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         notes = dict(field_re.findall(inspect.getsource(cls)))
-        default = cls()
+        default = cls()  # nested sections' defaults; a field's own declared default wins (null = auto stays null)
         for f in dataclasses.fields(cls):
             key = prefix + _YAML_KEYS.get(f.name, f.name)
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], key + ".")
                 continue
             note = f"  # {notes[f.name]}" if f.name in notes else ""
-            lines.append(f"  {key} ({_type_name(hints[f.name])}) = {getattr(default, f.name)!r}{note}")
+            value = f.default if f.default is not dataclasses.MISSING else getattr(default, f.name)
+            lines.append(f"  {key} ({_type_name(hints[f.name])}) = {value!r}{note}")
 
     walk(Config, "")
     return "\n".join(lines)

@@ -384,7 +384,9 @@ def run(cfg: Config) -> int:
     run_state.json (status ``bad_input``, which the launcher maps to exit 2) and says it once.
     """
     try:
-        return DPOTrainer(cfg).train()
+        rc = DPOTrainer(cfg).train()
+        # under hhdpo's own torchrun the launcher reports the recorded "preempted" state as 42
+        return EXIT_OK if rc == EXIT_PREEMPTED and os.environ.get(STATE_REPORTED_BY_LAUNCHER) else rc
     except BadInput as e:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         if rank == 0:
