@@ -115,7 +115,8 @@ class DPOTrainer:
             signal.signal(s, self._on_signal)
 
         resume_from = find_resume_checkpoint(cfg)
-        self._log(f"[train] world={self.world} device={self.device} backend={backend} dtype={self.dtype} "
+        self._log(f"[train] attempt={os.environ.get('SLURM_RESTART_COUNT', '0')} world={self.world} device={self.device} "
+                  f"backend={backend} dtype={self.dtype} "
                   f"resume={'from ' + str(resume_from) if resume_from else 'no'}")
 
         # data: every rank parses and tokenizes (cheap); indices decide who trains on what

@@ -272,7 +272,7 @@ def test_train_sbatch_on_two_nodes_writes_the_hf_model(slurm_cluster, jobs):
     job, run, out = jobs.ids["full"], jobs.runs["full"], jobs.out["full"]
     assert slurm_cluster.wait_job(job, timeout=900) == "COMPLETED", _read(out)[-3000:]
     text = _read(out)
-    assert "[train] world=2 device=cpu backend=gloo" in text, text[-3000:]
+    assert "[train] attempt=0 world=2 device=cpu backend=gloo" in text, text[-3000:]  # the trainer logs the attempt
     assert {"[slurm] rank 0 of 2 on n1", "[slurm] rank 1 of 2 on n2"} <= set(text.splitlines()), text[-3000:]
     assert "on n1,n2 (run_dir" in text
     hf = run / "model"
