@@ -20,9 +20,11 @@ ARG VARIANT=gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # The base image's tag pins the distribution release; one apt line serves both Debian and Ubuntu.
+# libnuma1: vLLM's CPU kernels link it; without it the vLLM worker cannot start.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ca-certificates libnuma1 \
  && rm -rf /var/lib/apt/lists/*
 
 # Any uid may run the image (docker run --user "$(id -u):$(id -g)" writes outputs as the caller):

@@ -144,7 +144,9 @@ def engine(request):
         yield env
     finally:
         if not was_running:
-            run([ENGINE, "stop"], timeout=300, check=False)
+            t = time.monotonic()
+            run([ENGINE, "stop"], timeout=600, check=False)
+            note(request.config, f"engine stopped and its data root removed in {time.monotonic() - t:.0f} s")
         lock.close()
 
 
@@ -203,6 +205,16 @@ def test_hhdpo_help_in_image(engine, cpu_image):
     for stage in ("train", "generate", "judge", "eval", "upload"):
         assert re.search(rf"^\s+{stage}\s", out, re.M), out
     assert "--config" in docker_run(engine, cpu_image, "train", "--help").stdout
+
+
+@pytest.mark.slow
+def test_vllm_cpu_kernels_load_in_image(engine, cpu_image):
+    # vLLM only warns when its kernels fail to load (a missing system library: libnuma), and its
+    # CPU worker then dies on the first op; init_cpu_memory_env is that op.
+    p = docker_run(engine, cpu_image, "-c", "import torch; from vllm.platforms import current_platform; "
+                   "current_platform.import_kernels(); print(hasattr(torch.ops._C, 'init_cpu_memory_env'))",
+                   entrypoint="python", check=False)
+    assert p.returncode == 0 and p.stdout.split()[-1:] == ["True"], (p.stdout + p.stderr)[-3000:]
 
 
 @pytest.mark.slow
