@@ -17,8 +17,23 @@ DOCKER_CLI=${DOCKER_CLI:-docker}
 
 running() { [[ -S $SOCK ]] && DOCKER_HOST=$HOST "$DOCKER_CLI" version >/dev/null 2>&1; }
 
+# The pids of the dockerd processes on this data root, found by command line rather than read from
+# the pid file: a stale pid file could name a reused pid, and a daemon that lost its pid file must
+# not outlive the directory it writes to.
+daemon_pids() {
+    local p cmd
+    for p in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
+        if [[ $cmd =~ ^(/usr/s?bin/)?dockerd\  && $cmd == *" --data-root $DIR/data "* ]]; then echo "${p#/proc/}"; fi
+    done
+}
+
 start() {
     if running; then echo "export DOCKER_HOST=$HOST"; return; fi
+    if [[ -n $(daemon_pids) ]]; then
+        echo "engine.sh: a dockerd on $DIR is alive but does not answer; run $0 stop first" >&2
+        exit 1
+    fi
     command -v dockerd >/dev/null || { echo "engine.sh: dockerd not found (apt-get install docker.io)" >&2; exit 1; }
     mkdir -p "$DIR"
     rm -f "$SOCK" "$PIDFILE"
@@ -38,14 +53,20 @@ start() {
 }
 
 stop() {
-    local pid
-    pid=$(cat "$PIDFILE" 2>/dev/null || true)
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"  # dockerd stops its containers and its containerd, then exits
-        for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "engine.sh: dockerd $pid ignored SIGTERM for 60 s; killing it" >&2
-            kill -KILL "$pid" 2>/dev/null || true
+    local pids
+    pids=$(daemon_pids)
+    if [[ -n $pids ]]; then
+        kill -TERM $pids  # dockerd stops its containers and its containerd, then exits
+        for _ in $(seq 120); do [[ -n $(daemon_pids) ]] || break; sleep 0.5; done
+        pids=$(daemon_pids)
+        if [[ -n $pids ]]; then
+            echo "engine.sh: dockerd $pids ignored SIGTERM for 60 s; killing it" >&2
+            kill -KILL $pids 2>/dev/null || true
+            sleep 1
+        fi
+        if [[ -n $(daemon_pids) ]]; then
+            echo "engine.sh: dockerd $(daemon_pids) still running; $DIR left in place" >&2
+            exit 1
         fi
     fi
     # A killed dockerd can leave its overlay mounts behind; rm -rf cannot delete through them.
