@@ -8,7 +8,9 @@
 # builds use --network=host to reach the package registries and containers run without network.
 set -euo pipefail
 
-DIR=${HHDPO_ENGINE_DIR:-/tmp/hhdpo-engine}
+# One engine per checkout: a stop here must never end the engine of another checkout's CI run.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${HHDPO_ENGINE_DIR:-/tmp/hhdpo-engine-$(printf %s "$REPO" | cksum | cut -d' ' -f1)}
 SOCK=$DIR/docker.sock
 PIDFILE=$DIR/dockerd.pid
 HOST=unix://$SOCK
