@@ -4,10 +4,11 @@ Without an engine: hadolint passes, apptainer.def parses (spython) into `hhdpo "
 Dockerfile's environment, and the image's pins are the venv's.
 
 On a Docker engine (slow): `make base-image` (debootstrap), `make image VARIANT=cpu` on it, then in
-the image `hhdpo --help`, a few fast tests, and `DOCKER=1 make train` for 2 SmolLM2 steps on the real
-HH file, without network, as a non-root uid that owns the outputs; a code change rebuilds one layer;
-no key reaches the image's history or environment. The engine is $DOCKER_HOST when it answers, else
-a private dockerd that docker/engine.sh starts and stops here; no dockerd is a failure, not a skip.
+the image `hhdpo --help`, vLLM's CPU kernels, a few fast tests, and `DOCKER=1 make train` for 2
+SmolLM2 steps on the real HH file, without network, as a non-root uid that owns the outputs; a code
+change rebuilds one layer; no key reaches the image's history or environment; the build context
+holds only what the image needs. The engine is $DOCKER_HOST when it answers, else a private dockerd
+that docker/engine.sh starts and stops here; no dockerd is a failure, not a skip.
 """
 
 from __future__ import annotations
