@@ -10,13 +10,13 @@ import contextlib
 
 import torch
 
-from hhdpo.data import collate_groups
+from hhdpo.batching import collate_groups
 from hhdpo.loss import packed_sequence_logps, scored_positions, token_logps
 from hhdpo.models import lm_head_only_at
 
 
 def pair_batch(examples: list[dict], pad_id: int, by_length: bool, device: torch.device) -> dict:
-    """``examples`` (tokenized pairs) as forward groups on ``device`` (:func:`hhdpo.data.collate_groups`),
+    """``examples`` (tokenized pairs) as forward groups on ``device`` (:func:`hhdpo.batching.collate_groups`),
     with the pair count ``n`` and the number of real (unpadded) tokens."""
     groups = collate_groups(examples, pad_id, by_length)
     groups = [{k: v.to(device, non_blocking=True) for k, v in g.items()} for g in groups]

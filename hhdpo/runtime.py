@@ -1,5 +1,5 @@
-"""Run-time choices and model set-up for the trainer: device, backend and dtype (never edited
-into code), and the FSDP2-sharded policy and reference models."""
+"""Run-time choices and model set-up for the trainer: the preflight checks, device, backend and
+dtype (never edited into code), and the FSDP2-sharded policy and reference models."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 
 import torch
 
-from hhdpo.config import Config, ConfigError
-from hhdpo.models import decoder_layer_classes, load_model
+from hhdpo.checkpoint import find_resume_checkpoint
+from hhdpo.config import Config, ConfigError, run_paths
+from hhdpo.data import load_pairs
+from hhdpo.models import decoder_layer_classes, load_model, resolve_model
 from hhdpo.precision import warn_if_cpu_bf16_emulated
 from hhdpo.sharded_load import load_sharded, meta_model
 
@@ -68,3 +70,19 @@ def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, c
     if not trainable:
         model.requires_grad_(False)
     return model, hf_config, arch
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before any process is spawned or anything is written."""
+    check_training_precision(cfg)
+    ds = cfg.dataset
+    load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
+    resolve_model(cfg.policy_model)
+    resolve_model(cfg.ref_model_path)
+    paths = run_paths(cfg)
+    if find_resume_checkpoint(cfg) is None:
+        leftovers = [p for p in (paths.metrics, paths.save / "model.safetensors", paths.tail) if p.exists()]
+        if leftovers:
+            raise ConfigError(
+                f"dpo_training.save_dir: {paths.save} already holds a run ({leftovers[0].name}) and no checkpoint "
+                "to resume; choose another save_dir (nothing was changed)")

@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 from hhdpo import checkpoint as ckpt
 from hhdpo.checkpoint import find_resume_checkpoint
-from hhdpo.config import Config, ConfigError, config_reference, redact, run_paths, save_config
-from hhdpo.data import load_pairs, rank_batches, resume_batch_index, tokenize_pairs, train_val_split
+from hhdpo.config import Config, config_reference, redact, run_paths, save_config
+from hhdpo.batching import rank_batches, resume_batch_index
+from hhdpo.data import load_pairs, tokenize_pairs, train_val_split
 from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.forward import pair_batch, response_logps
 from hhdpo.io import DataError, atomic_write_json
@@ -39,7 +40,7 @@ from hhdpo.metrics import PAIR_SUMS, MetricsLogger, add_step, eval_record, pair_
 from hhdpo.models import cache_dir, load_tokenizer, resolve_model
 from hhdpo.optim import make_optimizer, optimizer_step
 from hhdpo.ref_logps import cache_file, cached_or_computed, compute_all, ref_cache_key
-from hhdpo.runtime import build_model, check_training_precision, resolve_runtime  # noqa: F401 (resolve_runtime: API)
+from hhdpo.runtime import build_model, preflight, resolve_runtime
 from hhdpo.stage import StageParser, load_stage_config, run_stage
 from hhdpo.tail import TailTest
 
@@ -47,22 +48,6 @@ from hhdpo.tail import TailTest
 def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
     # torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp)
-
-
-def preflight(cfg: Config) -> None:
-    """Fail fast, before any process is spawned or anything is written."""
-    check_training_precision(cfg)
-    ds = cfg.dataset
-    load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
-    resolve_model(cfg.policy_model)
-    resolve_model(cfg.ref_model_path)
-    paths = run_paths(cfg)
-    if find_resume_checkpoint(cfg) is None:
-        leftovers = [p for p in (paths.metrics, paths.save / "model.safetensors", paths.tail) if p.exists()]
-        if leftovers:
-            raise ConfigError(
-                f"dpo_training.save_dir: {paths.save} already holds a run ({leftovers[0].name}) and no checkpoint "
-                "to resume; choose another save_dir (nothing was changed)")
 
 
 class DPOTrainer:

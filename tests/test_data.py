@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from hhdpo.data import (ASSISTANT, collate_groups, fit_prompt, length_partition, load_pairs, prompt_ids, rank_batches,
-                        resume_batch_index, seed_split, slice_split, split_pair, tokenize_pair, train_val_split)
+from hhdpo.batching import collate_groups, length_partition, rank_batches, resume_batch_index
+from hhdpo.data import (ASSISTANT, fit_prompt, load_pairs, prompt_ids, seed_split, slice_split, split_pair, tokenize_pair,
+                        train_val_split)
 from hhdpo.io import DataError
 
 
