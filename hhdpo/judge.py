@@ -37,7 +37,7 @@ from typing import Optional
 from hhdpo.config import redact
 from hhdpo.io import DataError, append_jsonl, atomic_write_text, repair_jsonl
 from hhdpo.judge_api import (BudgetExhausted, JudgeAPI, JudgeFatal, JudgeSettings, RequestFailed, judge_endpoint,
-                             make_client)
+                             make_client, run_all)
 from hhdpo.judge_resume import DEFAULT_MODELS, default_out_file, exclusive, judge_key, load_pairs, model_files, split_saved
 from hhdpo.pairwise import CHOSEN_ID
 from hhdpo.verdict import TEMPLATES, VerdictError, parse_verdict
@@ -219,12 +219,9 @@ class Judge:
 
         writer_task = asyncio.create_task(writer())
         try:
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(self.jc.concurrency, len(todo))):
-                    tg.create_task(worker())
-        except BaseExceptionGroup as eg:
-            fatal = eg.subgroup(JudgeFatal)
-            raise (fatal.exceptions[0] if fatal else eg.exceptions[0]) from None
+            errors = await run_all([worker() for _ in range(min(self.jc.concurrency, len(todo)))])
+            if errors:
+                raise next((e for e in errors if isinstance(e, JudgeFatal)), errors[0]) from None
         finally:
             queue.put_nowait(stop)
             await asyncio.shield(writer_task)  # flush finished verdicts even when cancelled

@@ -10,6 +10,7 @@
   ``Retry-After``/``retry-after-ms``) so they are testable and the same for every server.
   Auth/model errors (401/403/404, ``insufficient_quota``) raise :class:`JudgeFatal`.
 * Budget caps (``max_requests``, ``max_tokens``) stop new requests.
+* :func:`run_all` runs the concurrent requests' workers like ``asyncio.TaskGroup`` (3.10 has none).
 * With no ``OPENAI_API_KEY`` and no base URL, :func:`judge_endpoint` serves a local vLLM
   judge (:mod:`hhdpo.serve`) for ``judge.serve_model``; it is sent no key.
 """
@@ -180,6 +181,33 @@ class Budget:
 
 
 # --------------------------------------------------------------------------- one request
+
+
+async def run_all(coros) -> list[BaseException]:
+    """Run coroutines as tasks like ``asyncio.TaskGroup`` (not in Python 3.10): the first failure
+    cancels the rest; once all have ended, returns the failures (not cancellations) in the order
+    they happened. Cancelled from outside, it cancels and awaits every task, then re-raises the
+    cancellation unless a task failed."""
+    errors: list[BaseException] = []
+
+    def failed(t: asyncio.Task):
+        if not t.cancelled() and t.exception() is not None:
+            errors.append(t.exception())
+
+    tasks = [asyncio.create_task(c) for c in coros]
+    for t in tasks:
+        t.add_done_callback(failed)
+    cancelled = None
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError as e:
+        cancelled = e
+    for t in tasks:
+        t.cancel()  # a no-op on the tasks that ended
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if cancelled is not None and not errors:
+        raise cancelled
+    return errors
 
 
 def _usage(resp, api: str) -> tuple[int, int]:

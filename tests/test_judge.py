@@ -4,6 +4,7 @@ The fake server (tests/fake_responses_server.py) prefers the longer response, so
 verdict is known in advance; it counts requests per pair idx to prove no duplicates.
 """
 
+import asyncio
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from tests.fake_responses_server import FakeOpenAIServer
 from tests.judge_helpers import make_pairs, read, run
 from hhdpo import judge
 from hhdpo.io import DataError
-from hhdpo.judge_api import backoff_delay, retry_after_seconds
+from hhdpo.judge_api import backoff_delay, retry_after_seconds, run_all
 from hhdpo.summarize import summarize
 from hhdpo.verdict import VerdictError, parse_verdict
 from hhdpo.winner import map_winner, reconcile
@@ -83,6 +84,40 @@ def test_mapping_reconcile_and_retry_delays():
     assert all(2.0 <= backoff_delay(0, 1.0, 60, 2.0, rng) <= 2.2 for _ in range(50))
     delays = [backoff_delay(a, 1.0, 8.0, None, rng) for a in range(6)]
     assert 0.5 <= delays[0] <= 1.0 and 4.0 <= delays[5] <= 8.0
+
+
+def test_run_all_cancels_the_rest_on_the_first_failure_like_a_task_group():
+    """judge's workers run under run_all (asyncio.TaskGroup is 3.11+; the package supports 3.10)."""
+    ended = []
+
+    async def sleeper(name):
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.append(name)
+
+    async def fail(exc, after):
+        await asyncio.sleep(after)
+        raise exc
+
+    async def main():
+        t0 = time.monotonic()
+        errors = await run_all([sleeper("s1"), fail(ValueError("first"), 0.01), sleeper("s2")])
+        return errors, time.monotonic() - t0
+
+    errors, took = asyncio.run(main())
+    assert [str(e) for e in errors] == ["first"] and sorted(ended) == ["s1", "s2"] and took < 5
+    assert asyncio.run(run_all([asyncio.sleep(0), asyncio.sleep(0.01)])) == []
+
+    async def cancelled_from_outside():
+        task = asyncio.ensure_future(run_all([sleeper("s3")]))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_from_outside())
+    assert ended[-1] == "s3"  # awaited, not left running
 
 
 # --------------------------------------------------------------------------- over HTTP
