@@ -18,6 +18,7 @@ STAGES = {
     "summarize": ("hhdpo.summarize", "win/loss/tie with Wilson CIs, table, JSON and chart"),
     "eval": ("hhdpo.evaluate", "generate -> pairwise -> judge -> summarize in one go"),
     "upload": ("hhdpo.upload", "upload the model and logs to the Hugging Face Hub"),
+    "submit": ("hhdpo.submit", "submit train|eval|pipeline|sweep as submitit jobs (SLURM, or locally)"),
     "report": ("hhdpo.report", "report.png + report.html: training curves, tail test, eval win rates"),
 }
 

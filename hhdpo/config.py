@@ -35,7 +35,7 @@ class ConfigError(BadInput):
 
 from hhdpo.config_schema import (  # noqa: F401 - the sections are part of this module's API
     _PY_KEYS, _YAML_KEYS, CheckpointConfig, Config, DatasetConfig, DPOTrainingConfig, EvalConfig, HHTestConfig,
-    HuggingFaceConfig, JudgeConfig, TailTestConfig, VLLMConfig, WandbConfig, _to_yaml_dict)
+    HuggingFaceConfig, JudgeConfig, SlurmConfig, TailTestConfig, VLLMConfig, WandbConfig, _to_yaml_dict)
 
 
 @dataclass(frozen=True)

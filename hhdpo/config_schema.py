@@ -223,6 +223,45 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How ``hhdpo submit`` (submitit) runs the stages; ``slurm/*.sbatch`` takes sbatch options instead."""
+
+    cluster: str = "slurm"  # slurm | local (this machine's processes, no SLURM) | debug (in this process)
+    folder: str = "submitit"  # submitit's job pickles and logs, under run_dir
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time: int = 60  # minutes per job attempt; a requeued job continues past it
+    nodes: int = 1  # training nodes (generation and judging use one)
+    tasks_per_node: Optional[int] = None  # training ranks per node; null = gpus_per_node, or 1 without GPUs
+    gpus_per_node: int = 0  # training; generation and a local vLLM judge get them too (tensor parallel)
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # per node, e.g. 64G; null = the partition's default
+    signal_delay: int = 300  # seconds before the time limit at which USR2 asks every rank to checkpoint
+    max_num_timeout: int = 3  # requeues after a timeout (preemptions are not counted)
+    array_parallelism: int = 16  # sweep: training jobs of the array running at once
+    extra: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {mail-type: END, exclusive: ""}
+
+    def _checks(self):
+        yield "cluster", self.cluster in ("slurm", "local", "debug"), "one of slurm, local, debug"
+        yield "time", self.time >= 1, "minutes, an integer >= 1"
+        yield "nodes", self.nodes >= 1, "an integer >= 1"
+        yield "tasks_per_node", self.tasks_per_node is None or self.tasks_per_node >= 1, "null or an integer >= 1"
+        yield "gpus_per_node", self.gpus_per_node >= 0, "an integer >= 0"
+        yield "cpus_per_task", self.cpus_per_task is None or self.cpus_per_task >= 1, "null or an integer >= 1"
+        yield "mem", self.mem is None or re.fullmatch(r"\d+[KMGT]?", str(self.mem)) is not None, \
+            "null or a size like 64G"
+        yield "signal_delay", self.signal_delay >= 1, "seconds, an integer >= 1"
+        yield "max_num_timeout", self.max_num_timeout >= 0, "an integer >= 0"
+        yield "array_parallelism", self.array_parallelism >= 1, "an integer >= 1"
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+@dataclass
 class Config:
     run_dir: Optional[str] = None  # base of every relative output path (save_dir, checkpoint.dir, tail_test.log_dir, HH_test outputs, eval.out_dir); null = the working directory
     policy_model: str = "smollm2"
@@ -240,6 +279,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # hhdpo submit (submitit)
 
     def _checks(self):
         yield "precision", self.precision in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16"

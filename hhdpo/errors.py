@@ -25,3 +25,9 @@ class BadInput(ValueError):
 
 class Preempted(Exception):
     """A signal asked the job to stop; a checkpoint was saved. Exits 42."""
+
+
+def exit_meaning(code: int) -> str:
+    """A stage's exit code in words (for the submitit jobs' errors)."""
+    return {EXIT_OK: "done", EXIT_UNEXPECTED: "unexpected error", EXIT_BAD_INPUT: "bad config or input",
+            EXIT_PREEMPTED: "preempted, checkpoint saved", EXIT_INTERRUPTED: "interrupted"}.get(code, "unknown")

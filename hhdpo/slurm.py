@@ -222,6 +222,13 @@ def _jobs_file(cfg: Config) -> Path:
     return slurm_dir(cfg) / "jobs.json"  # the job ids of the latest submission
 
 
+def record_jobs(cfg: Config, ids: dict[str, str]) -> None:
+    """Remember a submission's job ids (``jobs_in_flight`` reads them); pipeline.sh and hhdpo submit."""
+    path = _jobs_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ids) + "\n")
+
+
 def jobs_in_flight(cfg: Config) -> list[str]:
     """Job ids of the run's latest submission that are still queued or running (a requeued job
     too): a second submission beside them would write the same run_dir."""
@@ -230,7 +237,7 @@ def jobs_in_flight(cfg: Config) -> list[str]:
     except (FileNotFoundError, json.JSONDecodeError, AttributeError):
         return []
     p = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True, check=False)
-    return sorted(ids & set(p.stdout.split()), key=int) if p.returncode == 0 else []
+    return sorted(ids & set(p.stdout.split())) if p.returncode == 0 else []
 
 
 def sbatch_command(stage: str, config: str, overrides: list[str], log_dir: Path, depends_on: str | None,
@@ -302,7 +309,7 @@ def pipeline(config: str, overrides: list[str], dry_run: bool, out=print) -> int
                 print(f"slurm/pipeline.sh: cancelled job {prev}, submitted just before", file=sys.stderr)
             return 1
         prev = submitted[s] = p.stdout.strip().split(";")[0]
-        _jobs_file(cfg).write_text(json.dumps(submitted) + "\n")
+        record_jobs(cfg, submitted)
         out(f"{s}: job {prev}")
     if not dry_run:
         out(f"run_dir: {run_dir}")

