@@ -381,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if cmd == "requeue-decision" and len(rest) == 1:
             job = os.environ.get("SLURM_JOB_ID", "")
-            requeue, line = requeue_decision(Path(rest[0]), job, squeue_time_left(job) if job else None)
+            left = os.environ.get("HHDPO_TIME_LEFT")  # container jobs: the host's squeue %L (no squeue inside)
+            if left is not None:
+                time_left = parse_time_left(left) if left.strip() else "unknown"
+            else:
+                time_left = squeue_time_left(job) if job else None
+            requeue, line = requeue_decision(Path(rest[0]), job, time_left)
             print(f"[slurm] {line}")
             return EXIT_OK if requeue else EXIT_NO_REQUEUE
         raise ConfigError(f"usage: python -m hhdpo.slurm pipeline|job-start|job-done|requeue-decision ...; got {argv!r}")

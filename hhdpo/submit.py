@@ -55,32 +55,41 @@ def write_job_config(cfg: Config, name: str) -> Path:
 
 
 def container_binds() -> list[str]:
-    """What a container job sees of the host: the working directory (run_dir and data relative
-    to it), this checkout (configs), HF_HOME, and HHDPO_BINDS (comma-separated src[:dst])."""
-    binds = [os.getcwd(), str(REPO)]
+    """slurm/common.sh's binds (SRC:DST[:ro], each at the same path inside): this checkout read-only
+    unless the working directory holds it, the working directory (run_dir and data relative to
+    it), HF_HOME, and HHDPO_BINDS (comma-separated SRC[:DST[:ro]], absolute paths)."""
+    wd, repo = os.getcwd(), str(REPO)
+    binds = [] if repo == wd or repo.startswith(wd + "/") else [f"{repo}:{repo}:ro"]
+    binds.append(f"{wd}:{wd}")
     if os.environ.get("HF_HOME"):
-        binds.append(os.environ["HF_HOME"])
-    binds += [b for b in os.environ.get("HHDPO_BINDS", "").split(",") if b.strip()]
-    return list(dict.fromkeys(binds))
+        binds.append(f"{os.environ['HF_HOME']}:{os.environ['HF_HOME']}")
+    for entry in filter(None, os.environ.get("HHDPO_BINDS", "").split(",")):
+        src, dst, opt = (entry.split(":") + ["", ""])[:3]
+        if not src.startswith("/") or (dst and not dst.startswith("/")) or opt not in ("", "ro", "rw"):
+            raise ConfigError(f"HHDPO_BINDS: bad entry {entry!r}: SRC[:DST[:ro]] with absolute paths, comma-separated")
+        binds.append(f"{src}:{dst or src}" + (f":{opt}" if opt else ""))
+    return binds
 
 
 def container_options() -> dict:
-    """AutoExecutor options for HHDPO_SIF (apptainer) or HHDPO_IMAGE (pyxis); {} bare-metal."""
+    """AutoExecutor options for HHDPO_SIF (apptainer) or HHDPO_IMAGE (pyxis); {} bare-metal. The
+    host environment reaches the container (keys included, never on a command line); HF_HOME is
+    passed explicitly because the image sets its own."""
     sif, image = os.environ.get("HHDPO_SIF"), os.environ.get("HHDPO_IMAGE")
     if sif and image:
         raise ConfigError("HHDPO_SIF and HHDPO_IMAGE are both set: choose apptainer (HHDPO_SIF) or pyxis (HHDPO_IMAGE)")
-    binds = container_binds()
+    if not sif and not image:
+        return {}
+    binds, hf = ",".join(container_binds()), os.environ.get("HF_HOME")
     if sif:
         if not Path(sif).is_file():
             raise ConfigError(f"HHDPO_SIF={sif}: no such image file")
-        return {"slurm_python": shlex.join(["apptainer", "exec", "--nv", "--bind", ",".join(binds),
-                                            str(Path(sif).resolve()), "python"])}
-    if image:
-        mounts = ",".join(b if ":" in b else f"{b}:{b}" for b in binds)
-        return {"slurm_python": "python", "slurm_srun_args": [f"--container-image={image}",
-                                                               f"--container-mounts={mounts}",
-                                                               f"--container-workdir={os.getcwd()}"]}
-    return {}
+        app = ["apptainer", "exec", "--nv", "--bind", binds, "--pwd", os.getcwd()]
+        app += ["--env", f"HF_HOME={hf}"] if hf else []
+        return {"slurm_python": shlex.join([*app, str(Path(sif).resolve()), "python"])}
+    srun = [f"--container-image={image}", f"--container-mounts={binds}", f"--container-workdir={os.getcwd()}"]
+    srun += ["--container-env=HF_HOME"] if hf else []
+    return {"slurm_python": "python", "slurm_srun_args": srun}
 
 
 def local_judge(cfg: Config) -> bool:
