@@ -195,6 +195,21 @@ def test_timeout_requeues_are_capped_per_job(tmp_path, monkeypatch):
     assert not hs.requeue_decision(tmp_path, "17", "unknown")[0]  # squeue failed: counted as a timeout
 
 
+def test_requeue_decision_takes_the_hosts_time_left_in_container_jobs(tmp_path):
+    """In a container there is no squeue: train.sbatch passes the host's %L as HHDPO_TIME_LEFT."""
+    def decide(left):
+        env = _env(SLURM_JOB_ID="77", HHDPO_TIME_LEFT=left, HHDPO_SIGNAL_LEAD="300")
+        return subprocess.run([sys.executable, "-m", "hhdpo.slurm", "requeue-decision", str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    p = decide("10:00")  # 600 s left: more than the 300 s lead + 60 s slack
+    assert p.returncode == 0 and "600 s left of the time limit" in p.stdout and "preemption; requeueing" in p.stdout
+    p = decide("04:00")
+    assert p.returncode == 0 and "timeout; requeueing (timeout requeue 1 of at most 3)" in p.stdout
+    p = decide("")  # the host's squeue failed: counted as a timeout
+    assert p.returncode == 0 and "time left unknown" in p.stdout and "timeout requeue 2 of at most 3" in p.stdout
+
+
 # ----------------------------------------------------------------------------- on the cluster
 
 
