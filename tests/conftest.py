@@ -61,3 +61,46 @@ def run_cli(*args, env=None, timeout=900, cwd=None):
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "hhdpo", *map(str, args)], capture_output=True, text=True,
                           env=e, timeout=timeout, cwd=cwd or REPO)
+
+
+class SharedJudgeServer:
+    """One real vLLM judge server (SmolLM2 on CPU, ~1-2 min to start) for the tests that judge
+    against one: :meth:`get` starts it on first use (again if it was stopped), :meth:`stop`
+    ends it; the session's end stops it too."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.server = None
+        self.starts = 0
+
+    def get(self):
+        from hhdpo.serve import VLLMServer
+
+        if self.server is None or not self.server.running():
+            self.starts += 1
+            self.server = VLLMServer("smollm2", log_file=self.log_dir / f"vllm-{self.starts}.log", startup_timeout=400)
+            self.server.start()
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_judge(tmp_path_factory):
+    """The shared :class:`SharedJudgeServer` (tests/test_eval_e2e.py, tests/test_judge_vllm.py)."""
+    pytest.importorskip("vllm")
+    shared = SharedJudgeServer(tmp_path_factory.mktemp("vllm-judge"))
+    yield shared
+    shared.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that use ``vllm_judge`` one after another (from where the first one is), so
+    the shared server is up only while they run. Every other test keeps its order."""
+    users = [it for it in items if "vllm_judge" in getattr(it, "fixturenames", ())]
+    if len(users) > 1:
+        first = items.index(users[0])
+        rest = [it for it in items if it not in users]
+        items[:] = rest[:first] + users + rest[first:]

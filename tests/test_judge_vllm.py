@@ -1,9 +1,11 @@
 """The local vLLM judge (hhdpo.serve).
 
-The slow test starts the real server on SmolLM2-135M (CPU, ~40 s, ~4.6 GB RAM), judges 4
-real HH pairs through `hhdpo judge` over the Responses API with the strict template's
-JSON schema, and checks that every verdict parses and that the server's whole process
-group is gone afterwards. The fast tests cover start-up failures with stand-in commands.
+The slow test takes the session's real server on SmolLM2-135M (conftest's ``vllm_judge``,
+CPU, ~40 s to start on an idle machine, ~4.6 GB RAM; tests/test_eval_e2e.py judges with the
+same one, and runs just before), judges 4 real HH pairs through `hhdpo judge` over the
+Responses API with the strict template's JSON schema, checks that every verdict parses,
+then stops the server and checks that its whole process group is gone. The fast tests
+cover start-up failures with stand-in commands.
 """
 
 import json
@@ -61,9 +63,8 @@ def test_start_timeout_stops_the_whole_process_group(model_dir, tmp_path, monkey
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_local_vllm_judge_parses_every_verdict(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("vllm")
-    from hhdpo.serve import VLLMServer, _group_alive
+def test_local_vllm_judge_parses_every_verdict(tmp_path, monkeypatch, capsys, vllm_judge):
+    from hhdpo.serve import _group_alive
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     gen = tmp_path / "policy_out.jsonl"
@@ -71,14 +72,16 @@ def test_local_vllm_judge_parses_every_verdict(tmp_path, monkeypatch, capsys):
     pw, out = tmp_path / "policy_pairwise.jsonl", tmp_path / "policy_judged.jsonl"
     make_pairwise(gen, pw, shuffle_ab=True, seed=0)
 
-    server = VLLMServer("smollm2", log_file=tmp_path / "vllm.log", startup_timeout=400)
-    with server:
+    server = vllm_judge.get()
+    try:
         pgid, port = server.proc.pid, server.port
         assert server.running()
         rc = judge.cli(["--in_file", str(pw), "--out_file", str(out), "--base-url", server.base_url,
                         "--model", server.served_name, "--api", "responses", "--template", "strict",
                         "--concurrency", "4", "--timeout", "300", "--max-output-tokens", "64", "--no-progress"])
         assert rc == 0, capsys.readouterr().err
+    finally:
+        vllm_judge.stop()  # the last test that judges with it: stopping is part of what this one checks
 
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 4
