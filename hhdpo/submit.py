@@ -235,6 +235,9 @@ def cli(argv: list[str] | None = None) -> int:
     ap.flag("wait", action="store_true", help="wait for the last job and print its result (always so locally)")
     ap.flag("dry_run", action="store_true", help="print the sbatch file of each job; submit nothing")
 
+    if kind is None and argv[:1] in (["-h"], ["--help"]):
+        ap.parse(argv)  # prints the help and exits 0, as every stage's --help does
+
     def body() -> int:
         if kind is None:
             raise ConfigError(f"hhdpo submit: expected one of {', '.join(kinds)} first, got {argv[:1]}")

@@ -14,7 +14,10 @@ CONFIG_STAGES = [s for s in STAGES if s != "report"]
 
 
 def stage_cli(stage):
-    return importlib.import_module(STAGES[stage][0]).cli
+    cli = importlib.import_module(STAGES[stage][0]).cli
+    if stage == "submit":  # `hhdpo submit KIND ...`: the contract holds for each kind; --dry-run submits nothing
+        return lambda argv: cli(["train", "--dry-run", *argv])
+    return cli
 
 
 @pytest.fixture
@@ -45,13 +48,14 @@ def test_help_lists_both_spellings_and_exit_codes(stage, capsys):
 def test_unknown_config_key_exits_2_naming_it_with_options_in_any_order(stage, cfg_file, capsys):
     # an override before and after an option: parse_intermixed_args, no "unrecognized arguments"
     argv = ["--config", str(cfg_file), "dpo_training.max_steps=2", "--models", "policy", "dpo_training.nosuch_key=1"]
-    if stage in ("train", "data", "upload"):
+    if stage in ("train", "data", "upload", "submit"):
         argv.remove("--models"), argv.remove("policy")
     if stage == "train":
         argv[3:3] = ["--nproc-per-node", "1"]
     assert stage_cli(stage)(argv) == 2
     err = capsys.readouterr().err
-    assert f"hhdpo {stage}: error: dpo_training.nosuch_key: unknown config key" in err and "Traceback" not in err
+    prog = "hhdpo submit train" if stage == "submit" else f"hhdpo {stage}"
+    assert f"{prog}: error: dpo_training.nosuch_key: unknown config key" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("stage", CONFIG_STAGES)
