@@ -20,16 +20,14 @@ import random
 import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from hhdpo import checkpoint as ckpt
 from hhdpo.checkpoint import find_resume_checkpoint
 from hhdpo.config import Config, config_reference, redact, run_paths, save_config
-from hhdpo.batching import rank_batches, resume_batch_index
+from hhdpo.batching import rank_batches
 from hhdpo.data import load_pairs, tokenize_pairs, train_val_split
 from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.forward import pair_batch, response_logps
@@ -43,6 +41,7 @@ from hhdpo.ref_logps import cache_file, cached_or_computed, compute_all, ref_cac
 from hhdpo.runtime import build_model, preflight, resolve_runtime
 from hhdpo.stage import StageParser, load_stage_config, run_stage
 from hhdpo.tail import TailTest
+from hhdpo.train_state import TrainStateMixin
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -50,7 +49,7 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp)
 
 
-class DPOTrainer:
+class DPOTrainer(TrainStateMixin):
     """Full-parameter DPO with FSDP2 on one process, several ranks, or several nodes.
 
     Features:
@@ -77,7 +76,8 @@ class DPOTrainer:
       - DCP sharded checkpoints every ``save_steps`` holding model, optimizer, scheduler,
         data position, RNG, tail-test state and beta (``hhdpo.checkpoint``); ``resume: auto``
         picks the newest complete one; resuming an older one explicitly sets the later ones
-        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step, save and exit 42.
+        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step, save and exit 42
+        (``hhdpo.train_state``).
       - Final Hugging Face directory (safetensors, config, tokenizer, chat template, the base
         model's generation config) gathered from the shards, loadable by ``from_pretrained``
         and vLLM; weight files of an earlier export are replaced, not left beside it.
@@ -305,58 +305,6 @@ class DPOTrainer:
             return EXIT_PREEMPTED
         finally:
             self.logger.close()
-
-    def _check_preemption(self) -> None:
-        flag = torch.tensor([self._stop_signal], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # ranks may see the signal at different steps
-        if flag.item():
-            if self.last_saved_step != self.step:
-                self.save_checkpoint()
-            raise Preempted()
-
-    def _write_state(self, status: str) -> None:
-        if self.is_main:
-            atomic_write_json(self.paths.state, {"status": status, "step": self.step, "total_steps": self.total_steps})
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self) -> Path:
-        """Checkpoint this step (``hhdpo.checkpoint``); collective."""
-        # the data position as pairs used (not this run's micro-batch count): valid for any world/batch size
-        state = {"step": self.step, "epoch": self.epoch, "beta": self.beta,
-                 "pairs_in_epoch": self.batch_in_epoch * self.cfg.dpo_training.batch_size * self.world,
-                 "tail": self.tail.state_dict(), "scheduler": self.sched.state_dict(), "window": self.window,
-                 "world": self.world}
-        path = ckpt.save_checkpoint(self.paths.ckpt, self.step, self.policy, self.opt, state, self.cfg.checkpoint.keep_last)
-        self.last_saved_step = self.step
-        self._log(f"[ckpt] saved {path}")
-        return path
-
-    def _resume(self, path: Path) -> None:
-        tr = ckpt.load_checkpoint(path, self.policy, self.opt)
-        self.sched.load_state_dict(tr["scheduler"])
-        self.step, self.epoch = tr["step"], tr["epoch"]
-        self.batch_in_epoch, repeated = resume_batch_index(tr["pairs_in_epoch"], self.cfg.dpo_training.batch_size, self.world)
-        if repeated:
-            self._log(f"[ckpt] warning: {tr['pairs_in_epoch']} pairs of epoch {self.epoch} were used, not a whole number "
-                      f"of this run's micro-batches; {repeated} of them are seen again")
-        self.beta, self.window = tr["beta"], tr["window"]
-        self.tail.load_state_dict(tr["tail"])
-        self.last_saved_step = self.step
-        self._log(f"[ckpt] resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
-        if self.is_main:
-            moved_to, later = ckpt.set_aside_later_checkpoints(self.paths.ckpt, path)
-            if later:
-                self._log(f"[ckpt] resumed from an older checkpoint: the later {', '.join(p.name for p in later)} "
-                          f"belong to an abandoned branch, moved to {moved_to}")
-
-    def export_hf(self) -> Path:
-        """The final Hugging Face directory in save_dir (``hhdpo.checkpoint.export_hf``); collective."""
-        save = self.paths.save
-        ckpt.export_hf(self.policy, self.hf_config, self.arch, self.tokenizer, self.dtype, save,
-                       resolve_model(self.cfg.policy_model))
-        self._log(f"[train] saved Hugging Face model to {save}")
-        return save
 
 
 # ---------------------------------------------------------------------------- entry points
