@@ -43,5 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"hhdpo: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
+    if stage == "train":
+        from hhdpo.launch import hold_stop_signals
+
+        hold_stop_signals()  # before torch is imported: a preemption during start-up still checkpoints
     module = importlib.import_module(STAGES[stage][0])
     sys.exit(module.cli(argv[1:]))  # every stage returns the exit codes of hhdpo.errors

@@ -71,6 +71,22 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return out
 
 
+_HELD: list[int] = []
+
+
+def hold_stop_signals() -> None:
+    """Until the trainer installs its own handlers, remember SIGTERM/SIGUSR2 instead of dying of
+    them: a preemption that arrives while torch imports and the model loads then still ends in a
+    checkpoint and exit 42 at the first step (``hhdpo train`` calls this before importing torch)."""
+    for s in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(s, lambda signum, _frame: _HELD.append(signum))
+
+
+def held_signal() -> int:
+    """The last stop signal held by :func:`hold_stop_signals` (0: none)."""
+    return _HELD[-1] if _HELD else 0
+
+
 STATE_REPORTED_BY_LAUNCHER = "HHDPO_LAUNCHER_READS_STATE"  # set for the workers of run_under_torchrun
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
@@ -83,6 +99,10 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}",
            f"--shutdown-timeout={shutdown_timeout}", "-m", module, *argv]
+    if held_signal():  # stopped before any worker started: nothing to save, the run resumes as it is
+        print(f"hhdpo train: {signal.Signals(held_signal()).name} before the workers started; exiting "
+              f"{EXIT_PREEMPTED} (requeue to run)", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
                **{STATE_REPORTED_BY_LAUNCHER: "1"})
     started = time.time()

@@ -32,7 +32,8 @@ from hhdpo.data import load_pairs, tokenize_pairs, train_val_split
 from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.forward import pair_batch, response_logps
 from hhdpo.io import DataError, atomic_write_json
-from hhdpo.launch import STATE_REPORTED_BY_LAUNCHER, adopt_slurm_env, in_distributed_env, run_under_torchrun, strip_option
+from hhdpo.launch import (STATE_REPORTED_BY_LAUNCHER, adopt_slurm_env, held_signal, in_distributed_env,
+                          run_under_torchrun, strip_option)
 from hhdpo.loss import implicit_margins, preference_loss
 from hhdpo.metrics import PAIR_SUMS, MetricsLogger, add_step, eval_record, pair_sums, train_record, truncate_after_step
 from hhdpo.models import cache_dir, load_tokenizer, resolve_model
@@ -95,7 +96,7 @@ class DPOTrainer(TrainStateMixin):
         self.is_main = self.rank == 0
         self.paths = run_paths(cfg)
         self._seed_everything(t.seed)
-        self._stop_signal = 0
+        self._stop_signal = held_signal()  # one that came during start-up stops the run at the first step
         for s in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(s, self._on_signal)
 
@@ -349,7 +350,8 @@ def cli(argv: list[str] | None = None) -> int:
         preflight(cfg)  # on every rank: under srun a rank that skipped it would wait for one that failed
         if not distributed:
             fwd = strip_option(list(argv if argv is not None else sys.argv[1:]), "nproc_per_node")
-            return run_under_torchrun("hhdpo.train", fwd, args.nproc_per_node, run_paths(cfg).state)
+            # workers run `python -m hhdpo train`, which holds stop signals before it imports torch
+            return run_under_torchrun("hhdpo", ["train", *fwd], args.nproc_per_node, run_paths(cfg).state)
         rc = run(cfg)
         state = run_paths(cfg).state
         completed = state.is_file() and json.loads(state.read_text()).get("status") == "completed"

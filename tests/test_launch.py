@@ -102,3 +102,37 @@ def test_sigusr2_on_self_launched_torchrun_checkpoints_and_exits_42(tmp_path, hh
     assert [c.name for c in ckpts] == [f"step_{state['step']:07d}"] and (ckpts[0] / "meta.json").is_file()
     time.sleep(1)
     assert _procs_with(str(save)) == [], "workers outlived the launcher"
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    try:
+        line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigCgt:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+
+
+def test_stop_signal_during_start_up_is_held_until_the_first_step(tmp_path, hh_file, tiny_llama_dir):
+    """An srun rank (rank and world from the step) sent USR2 before torch is even loaded: it must not
+    die of the signal but train to its first step, checkpoint and exit 42, so the job requeues."""
+    save = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(launch.rendezvous_port(os.getpid())))
+    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", "configs/smollm2_cpu.yaml",
+           f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", f"dataset.dataset_name={hh_file}",
+           "dataset.subset=train[:64]", "dataset.val_ratio=0", "dataset.max_len=64", "dataset.max_prompt_len=40",
+           "dpo_training.batch_size=1", "dpo_training.max_steps=50", f"dpo_training.save_dir={save}",
+           "checkpoint.save_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 60
+    while not _catches(proc.pid, signal.SIGUSR2):
+        assert proc.poll() is None and time.time() < deadline, "no SIGUSR2 handler"
+        time.sleep(0.005)
+    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still starting up
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 42, out[-3000:]
+    state = json.loads((save / "run_state.json").read_text())
+    assert state["status"] == "preempted" and state["step"] == 1, state
+    assert (save / "checkpoints" / "step_0000001" / "meta.json").is_file()
