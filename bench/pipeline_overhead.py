@@ -267,7 +267,8 @@ def usr2_requeue(args, env, run_dir: Path, sampler) -> dict:
     w.start()
     end = time.monotonic() + args.timeout
     while 2 not in w.steps:
-        if time.monotonic() > end or sacct(env, [job], ("JobID", "State"))[0]["State"].split()[0] in FINAL:
+        rows = sacct(env, [job], ("JobID", "State"))  # none until slurmdbd has the job
+        if time.monotonic() > end or (rows and rows[0]["State"].split()[0] in FINAL):
             raise BenchError(f"usr2 job {job}: never reached step 2\n" + (run_dir / f"train-{job}.out").read_text()[-3000:])
         time.sleep(0.2)
     at_signal = max(w.steps)
@@ -297,7 +298,7 @@ def usr2_requeue(args, env, run_dir: Path, sampler) -> dict:
              ("save checkpoint (DCP)", t_saved - max(t_sig, t_stop_row)),
              ("exit 42 + scontrol requeue", end0 - t_saved),
              ("requeued -> eligible again", elig1 - end0),
-             ("eligible -> start (queue)", start1 - elig1),
+             ("eligible -> start (scheduler/queue)", start1 - elig1),
              ("batch script start (job-start)", t_log1 - start1),
              ("srun, imports, model load, resume", t_resumed - t_log1),
              ("first resumed step", t_first - t_resumed)]
@@ -387,12 +388,18 @@ def main(argv=None) -> int:
             log(f"local: {local['wall']:.1f} s; {load()}")
         slurm = slurm_pipeline(args, env, work / "slurm", sampler)
         log(f"slurm: {slurm['wall']:.1f} s; {load()}")
+        failed = None
         if not args.skip_usr2:
-            usr2 = usr2_requeue(args, env, work / "usr2", sampler)
-            log(f"usr2: {usr2['total']:.1f} s; {load()}")
+            try:
+                usr2 = usr2_requeue(args, env, work / "usr2", sampler)
+                log(f"usr2: {usr2['total']:.1f} s; {load()}")
+            except BenchError as e:  # still report the pipeline's figures
+                failed = e
         res = report(args, local, slurm, usr2)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        if failed:
+            raise failed
         return 0
     except BenchError as e:
         print(f"pipeline_overhead: FAILED: {e}", file=sys.stderr)
