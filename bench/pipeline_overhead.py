@@ -18,7 +18,10 @@ sides (a local vLLM server for judge.serve_model unless OPENAI_API_KEY is set). 
 when a run fails, never for missing the target (slurm / local <= 1.10).
 
     .venv/bin/python bench/pipeline_overhead.py [--steps N] [--prompts N] [--skip-local] [--json OUT] [--keep]
-    .venv/bin/python bench/pipeline_overhead.py --steps 4 --prompts 8        # a quick check (~15 min)
+    .venv/bin/python bench/pipeline_overhead.py --steps 4 --prompts 8   # smaller; vLLM starts dominate either way
+
+Needs root (the cluster). The demo settings take about an hour on 2 quiet cores (each side: training
+with its final validation, three vLLM CPU engine starts, 64 judged pairs), several times that on a loaded machine.
 """
 
 from __future__ import annotations
