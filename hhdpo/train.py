@@ -77,8 +77,8 @@ class DPOTrainer(TrainStateMixin):
       - DCP sharded checkpoints every ``save_steps`` holding model, optimizer, scheduler,
         data position, RNG, tail-test state and beta (``hhdpo.checkpoint``); ``resume: auto``
         picks the newest complete one; resuming an older one explicitly sets the later ones
-        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step, save and exit 42
-        (``hhdpo.train_state``).
+        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step (or validation batch),
+        save and exit 42, also when they come during start-up (``hhdpo.train_state``).
       - Final Hugging Face directory (safetensors, config, tokenizer, chat template, the base
         model's generation config) gathered from the shards, loadable by ``from_pretrained``
         and vLLM; weight files of an earlier export are replaced, not left beside it.
@@ -248,6 +248,7 @@ class DPOTrainer(TrainStateMixin):
             rc, rr = self._ref(idxs, batch)
             losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
             sums += torch.cat([pair_sums(losses, cr, rj, pc, pr), torch.tensor([float(len(idxs))], device=self.device).double()])
+            self._check_preemption()  # a long validation must not outlast the signal lead; every rank has as many batches
         self.policy.train()
         dist.all_reduce(sums)
         *s, n = sums.tolist()

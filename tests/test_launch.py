@@ -136,3 +136,34 @@ def test_stop_signal_during_start_up_is_held_until_the_first_step(tmp_path, hh_f
     state = json.loads((save / "run_state.json").read_text())
     assert state["status"] == "preempted" and state["step"] == 1, state
     assert (save / "checkpoints" / "step_0000001" / "meta.json").is_file()
+
+
+def test_stop_signal_during_final_validation_checkpoints_and_a_rerun_completes(tmp_path, hh_file, tiny_llama_dir):
+    """USR2 while the last step's validation runs: exit 42 with the step saved and no export (it
+    used to be ignored until validation and export ended, past a time limit's signal lead); the
+    same command then resumes at the last step, validates and exports."""
+    save = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(launch.rendezvous_port(os.getpid() + 1)))
+    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", "configs/smollm2_cpu.yaml",
+           f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", f"dataset.dataset_name={hh_file}",
+           "dataset.subset=train[:400]", "dataset.val_ratio=0.75", "dataset.max_len=64", "dataset.max_prompt_len=40",
+           "dpo_training.batch_size=1", "dpo_training.max_steps=2", "dpo_training.log_steps=1",
+           f"dpo_training.save_dir={save}", "checkpoint.save_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and '"step": 2' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.05)
+    time.sleep(1)  # into the 300 validation batches (several seconds even on a quiet machine)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 42, out[-3000:]
+    assert json.loads((save / "run_state.json").read_text()) == {"status": "preempted", "step": 2, "total_steps": 2}
+    assert (save / "checkpoints" / "step_0000002" / "meta.json").is_file() and not (save / "model.safetensors").exists()
+    assert not any("eval/loss" in r for r in map(json.loads, metrics.read_text().splitlines()))
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout and (save / "model.safetensors").is_file()
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "eval/loss" in r] == [2]
