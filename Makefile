@@ -5,6 +5,7 @@
 #   make train      train with $(CONFIG) on $(NPROC) ranks; ARGS="key=value ..." for overrides
 #   make submit     the whole chain of $(CONFIG) as SLURM jobs (slurm/pipeline.sh): train -> generate -> judge
 #   make bench      throughput benchmarks (prints ratios; not tests)
+#   make bench-pipeline  make demo vs slurm/pipeline.sh on the local cluster (root; about an hour)
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -24,7 +25,7 @@ ifneq ($(strip $(HH_DATA)),)
 DATA_ARGS := dataset.dataset_name=$(HH_DATA) HH_test.hh_test=$(HH_DATA)
 endif
 
-.PHONY: setup test test-fast train demo eval submit bench clean
+.PHONY: setup test test-fast train demo eval submit bench bench-pipeline clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,9 @@ bench:
 	$(PY) bench/train_throughput.py $(if $(HH_DATA),--data $(HH_DATA))
 	$(PY) bench/generate_throughput.py
 	$(PY) bench/judge_throughput.py
+
+bench-pipeline:
+	$(PY) bench/pipeline_overhead.py $(if $(HH_DATA),--data $(abspath $(HH_DATA)))
 
 clean:
 	rm -rf runs .pytest_cache
