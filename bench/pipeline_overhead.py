@@ -43,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/smollm2_cpu.yaml"
-HH_DATA = "/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+# the HH file beside the checkout, as the Makefile and the tests find it (HH_DATA wins)
+HH_DATA = os.environ.get("HH_DATA") or str(ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
 CLUSTER_DIR = os.environ.get("HHDPO_SLURM_DIR", "/tmp/hhdpo-slurm")
 TARGET = 1.10
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
