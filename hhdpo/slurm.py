@@ -1,5 +1,6 @@
-"""The Python side of ``slurm/``: stage completion markers, the timeout-vs-preemption decision
-and the pipeline's sbatch commands. The sbatch scripts call it; nothing here imports torch.
+"""The Python side of ``slurm/``: stage completion markers, the checks before a submission, the
+pipeline's sbatch commands, and the requeue decision's command (hhdpo.requeue). The sbatch
+scripts and ``hhdpo submit`` call it; nothing here imports torch.
 
     slurm/pipeline.sh CONFIG [key=value ...] [--dry-run]     = python -m hhdpo.slurm pipeline ...
     python -m hhdpo.slurm job-start STAGE --config FILE [key=value ...]   (inside a job: paths, checks)
@@ -31,6 +32,8 @@ from pathlib import Path
 
 from hhdpo.config import Config, ConfigError, load_config, redact, run_paths
 from hhdpo.errors import EXIT_OK
+from hhdpo.requeue import (  # noqa: F401 - part of this module's API (tests, scripts)
+    SIGNAL_SLACK, parse_time_left, requeue_decision, squeue_time_left, stop_reason)
 
 STAGES = ("train", "generate", "judge")
 SCRIPTS = {"train": "train.sbatch", "generate": "generate.sbatch", "judge": "judge.sbatch"}
@@ -46,11 +49,6 @@ STAGE_KEYS = {
 OPERATIONAL_KEYS = frozenset({"judge.concurrency", "judge.max_retries", "judge.timeout"})
 # extra sbatch options per stage, from the environment (partition, GPUs, time, ...)
 SBATCH_ENV = {"train": "HHDPO_TRAIN_SBATCH", "generate": "HHDPO_GENERATE_SBATCH", "judge": "HHDPO_JUDGE_SBATCH"}
-# keep equal to train.sbatch's `#SBATCH --signal=USR2@300`; HHDPO_SIGNAL_LEAD when --signal is changed
-DEFAULT_SIGNAL_LEAD = 300
-# SLURM's time-limit check runs periodically: the signal may come up to a minute before the lead
-SIGNAL_SLACK = 60
-DEFAULT_MAX_TIMEOUT_REQUEUES = 3
 REPO = Path(__file__).resolve().parents[1]
 EXIT_NO_REQUEUE = 3  # requeue-decision: do not requeue (0: requeue)
 
@@ -145,76 +143,6 @@ def trained_with_other_config(cfg: Config) -> list[str]:
     return _diff(stage_inputs(old, "train"), stage_inputs(cfg, "train"))
 
 
-# --------------------------------------------------------------------------- timeout vs preemption
-
-
-def parse_time_left(text: str) -> int | None:
-    """squeue's ``%L`` ([D-]HH:MM:SS, MM:SS or SS) in seconds; None for UNLIMITED/NOT_SET/INVALID."""
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(?:(\d+):)?(\d+)", text.strip())
-    if not m:
-        return None
-    d, a, b, s = m.groups()
-    h, mins = (int(a), int(b)) if b is not None else (0, int(a or 0))
-    return ((int(d or 0) * 24 + h) * 60 + mins) * 60 + int(s)
-
-
-def stop_reason(time_left: int | None, lead: int) -> str:
-    """``timeout`` when the job stopped within the ``--signal`` lead of its time limit (the signal
-    SLURM sends before the limit), ``preemption`` otherwise (scancel --signal, a preempting job).
-    ``time_left`` None means no time limit: only a preemption can have stopped it."""
-    return "timeout" if time_left is not None and time_left <= lead + SIGNAL_SLACK else "preemption"
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return int(raw) if raw.strip() else default
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
-
-
-def requeue_decision(run_dir: Path, job_id: str, time_left: int | None | str) -> tuple[bool, str]:
-    """After the training step exited 42 (checkpoint saved): requeue or not, and the log line.
-
-    Preemptions always requeue. Timeouts requeue at most HHDPO_MAX_TIMEOUT_REQUEUES times per job
-    (counted in ``<run_dir>/slurm/train-<job>.timeouts``): a job that makes no progress within its
-    time limit would otherwise time out and requeue forever. ``time_left`` "unknown" (squeue
-    failed) counts as a timeout, so that the cap still bounds the loop."""
-    lead = _env_int("HHDPO_SIGNAL_LEAD", DEFAULT_SIGNAL_LEAD)
-    cap = _env_int("HHDPO_MAX_TIMEOUT_REQUEUES", DEFAULT_MAX_TIMEOUT_REQUEUES)
-    if time_left == "unknown":
-        left, reason = "time left unknown (squeue failed)", "timeout"
-    else:
-        left = "no time limit" if time_left is None else f"{time_left} s left of the time limit"
-        reason = stop_reason(time_left, lead)
-    if reason == "preemption":
-        return True, (f"stopped by a signal with {left} (more than the {lead} s signal lead + {SIGNAL_SLACK} s): "
-                      "preemption; requeueing")
-    counter = Path(run_dir) / "slurm" / f"train-{job_id}.timeouts"
-    done = int(counter.read_text() or 0) if counter.is_file() else 0
-    if done >= cap:
-        return False, (f"stopped at the time limit ({left}, signal lead {lead} s): timeout; not requeued, "
-                       f"{done} timeout requeue(s) already (HHDPO_MAX_TIMEOUT_REQUEUES={cap}). The checkpoint is "
-                       "saved: resubmit the same command (with a longer --time) to continue")
-    counter.parent.mkdir(parents=True, exist_ok=True)
-    counter.write_text(f"{done + 1}\n")
-    return True, (f"stopped at the time limit ({left}, signal lead {lead} s): timeout; requeueing "
-                  f"(timeout requeue {done + 1} of at most {cap})")
-
-
-def squeue_time_left(job_id: str) -> int | None | str:
-    """Seconds left of the job's time limit, None without a limit, "unknown" when squeue fails."""
-    try:
-        p = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, check=False,
-                           timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    text = p.stdout.strip()
-    if p.returncode != 0 or not text:
-        return "unknown"
-    return parse_time_left(text)
-
-
 # --------------------------------------------------------------------------- pipeline
 
 
@@ -238,6 +166,23 @@ def jobs_in_flight(cfg: Config) -> list[str]:
         return []
     p = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True, check=False)
     return sorted(ids & set(p.stdout.split())) if p.returncode == 0 else []
+
+
+def check_run_dir(cfg: Config, stages: list[str], in_flight: bool = True) -> None:
+    """Before submitting ``stages`` of a run (pipeline.sh, hhdpo submit): training must not continue
+    another config's run in run_dir, and no job of an earlier submission may still be queued."""
+    run_dir = run_paths(cfg).run.resolve()
+    if "train" in stages:
+        changed = trained_with_other_config(cfg)
+        if changed:
+            raise ConfigError(
+                f"run_dir {run_dir}: {run_paths(cfg).save} holds a training run with another config "
+                f"({'; '.join(changed[:5])}); resuming it would continue that run. Choose another run_dir "
+                "or move that one aside")
+    busy = jobs_in_flight(cfg) if in_flight else []
+    if busy:
+        raise ConfigError(f"run_dir {run_dir}: job(s) {', '.join(busy)} of an earlier submission are still queued or "
+                          "running; wait for them (a rerun then skips what they completed) or scancel them")
 
 
 def sbatch_command(stage: str, config: str, overrides: list[str], log_dir: Path, depends_on: str | None,
@@ -270,17 +215,7 @@ def pipeline(config: str, overrides: list[str], dry_run: bool, out=print) -> int
     cfg = load_config(config, overrides)  # a bad key or value fails here, before anything is submitted
     config = str(Path(config).resolve())
     run_dir = run_paths(cfg).run.resolve()
-    if "train" in plan(cfg)[1]:
-        changed = trained_with_other_config(cfg)
-        if changed:
-            raise ConfigError(
-                f"run_dir {run_dir}: {run_paths(cfg).save} holds a training run with another config "
-                f"({'; '.join(changed[:5])}); resuming it would continue that run. Choose another run_dir "
-                "or move that one aside")
-    busy = jobs_in_flight(cfg)
-    if busy:
-        raise ConfigError(f"run_dir {run_dir}: job(s) {', '.join(busy)} of an earlier submission are still queued or "
-                          "running; wait for them (a rerun then skips what they completed) or scancel them")
+    check_run_dir(cfg, plan(cfg)[1])
     skipped, todo = plan(cfg)
     log_dir = slurm_dir(cfg) / "logs"
     for s in skipped:

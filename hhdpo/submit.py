@@ -162,16 +162,8 @@ SUBMIT = {"train": submit_train, "generate": submit_generate, "judge": submit_ju
 
 
 def check_run_dir(cfg: Config, stages: list[str]) -> None:
-    """slurm/pipeline.sh's checks: no other training in run_dir, no earlier submission still in flight."""
-    if "train" in stages:
-        changed = hs.trained_with_other_config(cfg)
-        if changed:
-            raise ConfigError(f"run_dir {run_paths(cfg).run}: {run_paths(cfg).save} holds a training run with another "
-                              f"config ({'; '.join(changed[:5])}); choose another run_dir or move that one aside")
-    busy = hs.jobs_in_flight(cfg) if cfg.slurm.cluster == "slurm" else []
-    if busy:
-        raise ConfigError(f"run_dir {run_paths(cfg).run}: job(s) {', '.join(busy)} of an earlier submission are still "
-                          "queued or running; wait for them or scancel them")
+    """slurm/pipeline.sh's checks (hhdpo.slurm.check_run_dir); locally no job can be in flight."""
+    hs.check_run_dir(cfg, stages, in_flight=cfg.slurm.cluster == "slurm")
 
 
 def submit_chain(cfg: Config, stages: list[str], **options) -> list:
