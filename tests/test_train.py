@@ -111,16 +111,22 @@ def _losses(save: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_sigterm_resume_matches_uninterrupted_run(tmp_path, hh_file):
-    """2 FSDP ranks on SmolLM2: SIGTERM after step k, requeue, same losses and tail state."""
-    steps = 7
+def test_sigterm_resume_matches_uninterrupted_run(tmp_path, hh_file, tiny_llama_dir):
+    """2 FSDP ranks: SIGTERM after step k, requeue, same losses and tail state. The tiny Llama: the
+    checkpoint mechanics are the model's size-independent part (SmolLM2 trains on 2 ranks in
+    test_two_rank_fsdp_training_learns_and_exports), and its fast steps leave room to stop early."""
+    steps = 30
+    model = {"policy_model": tiny_llama_dir, "ref_model": tiny_llama_dir}
+
+    def overrides(save):
+        return base_overrides(hh_file, save, **{"dpo_training.max_steps": steps}, **model)
+
     full = tmp_path / "full"
-    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, full, **{"dpo_training.max_steps": steps}))
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *overrides(full))
     assert r.returncode == 0, r.stderr[-3000:]
 
     part = tmp_path / "part"
-    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", CFG, "--nproc-per-node", "2",
-           *base_overrides(hh_file, part, **{"dpo_training.max_steps": steps})]
+    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", CFG, "--nproc-per-node", "2", *overrides(part)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -138,9 +144,9 @@ def test_sigterm_resume_matches_uninterrupted_run(tmp_path, hh_file):
     assert (part / "checkpoints" / f"step_{k:07d}" / "meta.json").is_file()
     assert not (part / "model.safetensors").exists()
 
-    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, part, **{"dpo_training.max_steps": steps}))
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *overrides(part))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from" in r.stdout
+    assert "resumed from" in r.stdout
 
     a, b = _losses(full), _losses(part)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
