@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,6 +97,7 @@ class VLLMServer:
         self.extra_args = extra_args
         self.log_path = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
+        self._old_term = None
 
     @property
     def base_url(self) -> str:
@@ -111,6 +113,10 @@ class VLLMServer:
             os.close(fd)
             self.log_path = Path(name)
         cmd = server_command(path, self.served_name, self.port, self.max_model_len, extra_args=self.extra_args)
+        # a SIGTERM (kill, a local scancel) would end this process without stop(): the server, in its
+        # own session, would live on. Where nothing else handles SIGTERM, make it unwind instead.
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, _exit_on_signal)
         with open(self.log_path, "ab") as log:
             # own session = own process group, so stop() reaches the engine workers too
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -165,12 +171,19 @@ class VLLMServer:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+            self._old_term = None
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _exit_on_signal(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds through VLLMServer.__exit__ / the caller's finally
 
 
 def _group_alive(pgid: int) -> bool:

@@ -404,3 +404,24 @@ def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys)
     events.clear()
     assert judge.cli(["--in_file", str(bad), "--no-progress"]) == 2
     assert events == [] and f"{bad}:1: malformed JSON" in capsys.readouterr().err  # no server started for bad input
+
+
+def test_sigterm_while_serving_stops_the_server_too(tmp_path):
+    """`hhdpo judge`/`eval` killed by SIGTERM while its local judge server runs (own session, so a
+    group kill does not reach it) must not leave the server behind. Stand-in server: the fake API
+    as a process, started through VLLMServer itself."""
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import sys, time\n"
+        "import hhdpo.serve as s\n"
+        f"s.server_command = lambda path, name, port, *a, **k: [sys.executable, {str(Path(__file__).parent / 'fake_responses_server.py')!r}, '--port', str(port)]\n"
+        "with s.VLLMServer('smollm2', served_name='fake-judge') as srv:\n"
+        "    print(srv.proc.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pgid = int(proc.stdout.readline())
+    os.killpg(pgid, 0)  # the server runs
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
