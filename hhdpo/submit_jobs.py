@@ -39,7 +39,10 @@ def run_stage_cli(stage: str, argv: list[str]) -> None:
     """``hhdpo <stage> argv`` in this process; raises StageFailed unless it exits 0."""
     from hhdpo.cli import STAGES
 
-    rc = importlib.import_module(STAGES[stage][0]).cli(argv)
+    check_exit(stage, argv, importlib.import_module(STAGES[stage][0]).cli(argv))
+
+
+def check_exit(stage: str, argv: list[str], rc: int) -> None:
     if rc != EXIT_OK:
         raise StageFailed(f"hhdpo {stage} {' '.join(argv)} exited {rc} ({exit_meaning(rc)}); its message is in "
                           "the job's log above")
@@ -106,9 +109,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 print("[submit] checkpoint saved by every rank; requeueing through submitit", flush=True)
                 requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), scontrol requeue, exits
             sys.exit(EXIT_OK if rank else EXIT_PREEMPTED)  # SystemExit: submitit writes no result file
-        if rc != EXIT_OK:
-            raise StageFailed(f"hhdpo train --config {config_file} exited {rc} ({exit_meaning(rc)}); its message is "
-                              "in the job's log above")
+        check_exit("train", ["--config", config_file], rc)
         paths = run_paths(cfg)
         if rank == 0:
             hs.write_marker(cfg, "train")

@@ -142,8 +142,7 @@ def sweep_table(sweep: dict, summary: dict) -> dict:
 
 
 def markdown(table: dict) -> str:
-    def pct(x):
-        return "–" if x is None else f"{100 * x:.1f}%"
+    from hhdpo.summarize import _ci, _p, _pct  # the summary table's number formats
 
     axes = table["axes"]
     conf = f"{100 * table['confidence']:g}%"
@@ -151,12 +150,11 @@ def markdown(table: dict) -> str:
              "vs base (policy − base) | p-value |",
              "|---|" + "---|" * len(axes) + "---:|---|---:|---|---:|---:|"]
     for r in table["rows"]:
-        lo, hi = r["win_rate_ci"]
-        ci = "–" if lo is None else f"[{pct(lo)}, {pct(hi)}]"
         diff = "–" if r["vs_base_diff"] is None else f"{100 * r['vs_base_diff']:+.1f} pts ({r['vs_base_test']})"
-        p = "–" if r["vs_base_p"] is None else f"{r['vs_base_p']:.3g}"
+        p = "–" if r["vs_base_p"] is None else _p(r["vs_base_p"])
         lines.append(f"| {r['name']} | " + " | ".join(str(r["values"].get(a, "–")) for a in axes)
-                     + f" | {r['n']} | {r['wins']}/{r['losses']}/{r['ties']} | {pct(r['win_rate'])} | {ci} | {diff} | {p} |")
+                     + f" | {r['n']} | {r['wins']}/{r['losses']}/{r['ties']} | {_pct(r['win_rate'])} | "
+                     f"{_ci(r['win_rate_ci'])} | {diff} | {p} |")
     return "\n".join(lines)
 
 
