@@ -6,6 +6,7 @@
 #   make submit     the whole chain of $(CONFIG) as SLURM jobs (slurm/pipeline.sh): train -> generate -> judge
 #   make bench      throughput benchmarks (prints ratios; not tests)
 #   make bench-pipeline  make demo vs slurm/pipeline.sh on the local cluster (root; about an hour)
+#   make bench-gpu  the GPU paths (nccl, bf16, FSDP2 + meta loading, resume) on one CUDA device
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -25,7 +26,7 @@ ifneq ($(strip $(HH_DATA)),)
 DATA_ARGS := dataset.dataset_name=$(HH_DATA) HH_test.hh_test=$(HH_DATA)
 endif
 
-.PHONY: setup test test-fast train demo eval submit bench bench-pipeline clean
+.PHONY: setup test test-fast train demo eval submit bench bench-pipeline bench-gpu clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +69,9 @@ bench:
 
 bench-pipeline:
 	$(PY) bench/pipeline_overhead.py $(if $(HH_DATA),--data $(abspath $(HH_DATA)))
+
+bench-gpu:
+	$(PY) bench/gpu_check.py $(if $(HH_DATA),--data $(abspath $(HH_DATA)))
 
 clean:
 	rm -rf runs .pytest_cache

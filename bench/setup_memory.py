@@ -133,7 +133,8 @@ def worker(mode: str, model_dir: str, warmup_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    fake = types.SimpleNamespace(cfg=Config(), device=torch.device("cpu"), dtype=torch.float32, rank=rank, world=world)
+    fake = types.SimpleNamespace(cfg=Config(), device=torch.device("cpu"), dtype=torch.float32, rank=rank, world=world,
+                                 sharded=world > 1)
     build = _old_build if mode == "old" else ht.DPOTrainer._build_model
     warm = [build(fake, warmup_dir, trainable)[0] for trainable in (True, False)]
     _touch(warm)

@@ -4,9 +4,9 @@ Every configuration runs in a fresh subprocess (so peak RSS from getrusage is it
 the same thread count, on the first --pairs HH pairs of --data as hhdpo parses and tokenizes
 them, in the same micro-batches of --batch-size pairs, in the same order:
 
-  hhdpo-fp32 / hhdpo-bf16           live reference model; one process, so the trainer runs the
-                                    models unwrapped (no FSDP2): bf16 = autocast over fp32 master
-                                    weights, the frozen reference cast to bf16
+  hhdpo-fp32 / hhdpo-bf16           live reference model; one process, so in fp32 the trainer runs
+                                    the models unwrapped (no FSDP2); bf16 = FSDP2's mixed precision
+                                    on one rank over fp32 master weights, the frozen reference in bf16
   hhdpo-fp32-pre / hhdpo-bf16-pre   dpo_training.precompute_ref_log_probs=true, cold cache
                                     (HHDPO_CACHE is a fresh temp dir); the one-off precompute is
                                     timed separately and excluded from tokens/s

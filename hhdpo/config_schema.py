@@ -56,7 +56,8 @@ class DPOTrainingConfig:
     average_log_prob: Optional[bool] = None  # length-averaged log-probs instead of sums; null = auto: averaged for ipo (as its paper and TRL), summed otherwise; saved resolved
     precompute_ref_log_probs: bool = False
     activation_checkpointing: bool = False
-    group_by_length: Optional[bool] = None  # forward a micro-batch's rows in length-sorted groups (less padding); null = on for one process, off under FSDP
+    group_by_length: Optional[bool] = None  # forward a micro-batch's rows in length-sorted groups (less padding); null = on for one unwrapped process on CPU, else off
+    fsdp: Optional[bool] = None  # shard with FSDP2; null = with more than one rank or bf16 (its mixed precision); true = also one fp32 process (a multi-GPU run's code path on one device)
     fsdp_layer_cls: list[str] = field(default_factory=list)  # default: model._no_split_modules
     seed: int = 42
     save_dir: str = "dpo_model"

@@ -6,8 +6,6 @@ precomputed reference alike, so all three score the same tokens with the same ar
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from hhdpo.batching import collate_groups
@@ -23,19 +21,16 @@ def pair_batch(examples: list[dict], pad_id: int, by_length: bool, device: torch
     return {"groups": groups, "n": len(examples), "tokens": sum(g["attention_mask"].sum() for g in groups)}
 
 
-def response_logps(model, batch: dict, average: bool, autocast_dtype: torch.dtype | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (or length-averaged) response log-probs of the chosen and rejected rows of ``batch``.
 
-    The LM head projects only the positions that predict a response token. ``autocast_dtype``:
-    run the forward under autocast (an unwrapped model in bf16; FSDP casts parameters itself).
-    Returns (n,) float32 chosen and rejected log-probs.
+    The LM head projects only the positions that predict a response token; the model computes
+    in its parameters' dtype (FSDP2's mixed precision casts them). Returns (n,) float32 chosen and rejected log-probs.
     """
     logps, rows = [], []
     for g in batch["groups"]:
         at = scored_positions(g["labels"])
-        ctx = torch.autocast(g["input_ids"].device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with ctx, lm_head_only_at(model, at):
+        with lm_head_only_at(model, at):
             logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], use_cache=False).logits
         if logits.dim() != 2:
             raise RuntimeError(f"{type(model).__name__} does not call its output embedding on the hidden states; "

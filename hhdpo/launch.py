@@ -91,14 +91,32 @@ STATE_REPORTED_BY_LAUNCHER = "HHDPO_LAUNCHER_READS_STATE"  # set for the workers
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
 
+def torchrun_options() -> set[str]:
+    """The options this torch's torchrun accepts (``--signals-to-handle`` and
+    ``--shutdown-timeout`` are recent: torch 2.11's has the first, not the second)."""
+    from torch.distributed.run import get_args_parser
+
+    return {o for a in get_args_parser()._actions for o in a.option_strings}
+
+
 def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Path | None,
                        shutdown_timeout: int = 900) -> int:
     """Run ``python -m module argv`` as ``nproc`` torchrun workers on this node."""
     # torchrun forwards only SIGTERM/INT/HUP/QUIT by default, and SIGKILLs workers 30 s after one:
     # let SIGUSR2 through too, and give the workers time to finish a step and save a checkpoint
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}",
-           f"--shutdown-timeout={shutdown_timeout}", "-m", module, *argv]
+    opts = torchrun_options()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    usr2_as = signal.SIGUSR2
+    if "--signals-to-handle" in opts:
+        cmd.append(f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}")
+    else:  # an older torchrun would die on SIGUSR2: hand it SIGTERM, which the trainer treats the same way
+        usr2_as = signal.SIGTERM
+    if "--shutdown-timeout" in opts:
+        cmd.append(f"--shutdown-timeout={shutdown_timeout}")
+    else:
+        print("hhdpo train: this torch's torchrun has no --shutdown-timeout: after a stop signal the workers get "
+              "30 s to save their checkpoint before torchrun kills them", file=sys.stderr, flush=True)
+    cmd += ["-m", module, *argv]
     if held_signal():  # stopped before any worker started: nothing to save, the run resumes as it is
         print(f"hhdpo train: {signal.Signals(held_signal()).name} before the workers started; exiting "
               f"{EXIT_PREEMPTED} (requeue to run)", file=sys.stderr, flush=True)
@@ -109,7 +127,7 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     proc = subprocess.Popen(cmd, env=env)
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        proc.send_signal(usr2_as if signum == signal.SIGUSR2 else signum)
 
     old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:

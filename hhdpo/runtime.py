@@ -39,9 +39,11 @@ def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
     return device, ("nccl" if use_cuda else "gloo"), dtype
 
 
-def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, compute_dtype: torch.dtype, world: int):
+def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, compute_dtype: torch.dtype, world: int,
+                shard: bool):
     """The policy (trainable: fp32 master weights) or the frozen reference (in the compute dtype),
-    sharded with FSDP2 over ``world`` ranks; returns (model, its HF config, architecture name)."""
+    sharded with FSDP2 over ``world`` ranks when ``shard`` (else plain on ``device``); returns
+    (model, its HF config, architecture name)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -49,13 +51,13 @@ def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, c
     dtype = torch.float32 if trainable else compute_dtype
     trc = cfg.trust_remote_code
     # sharded: no rank holds the weights in host RAM; rank 0 streams them into the shards below
-    model = meta_model(spec, dtype, trc) if world > 1 else load_model(spec, dtype=dtype, trust_remote_code=trc)
+    model = meta_model(spec, dtype, trc) if shard else load_model(spec, dtype=dtype, trust_remote_code=trc)
     hf_config = copy.deepcopy(model.config)
     arch = type(model).__name__
     model.config.use_cache = False
     if trainable and cfg.dpo_training.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if world > 1:
+    if shard:
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if dtype != compute_dtype else MixedPrecisionPolicy()
         layer_cls = decoder_layer_classes(model, cfg.dpo_training.fsdp_layer_cls)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from hhdpo.checkpoint import find_resume_checkpoint
-from hhdpo.config import Config, config_reference, redact, run_paths, save_config
+from hhdpo.config import Config, ConfigError, config_reference, redact, run_paths, save_config
 from hhdpo.batching import rank_batches
 from hhdpo.data import load_pairs, tokenize_pairs, train_val_split
 from hhdpo.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
@@ -56,11 +56,13 @@ class DPOTrainer(TrainStateMixin):
     Features:
       - FSDP2 ``fully_shard`` per decoder layer (found from ``_no_split_modules`` or
         ``dpo_training.fsdp_layer_cls``) then the root; gloo on CPU, nccl on GPU. With one
-        process there is nothing to shard: the model runs unwrapped (bf16 through autocast).
+        process in fp32 there is nothing to shard: the model runs unwrapped, unless
+        ``dpo_training.fsdp: true`` (the multi-GPU code path on one device). bf16 always runs
+        through FSDP2's mixed precision, so the policy and the reference compute alike.
       - LM head (vocabulary projection) only at positions that predict a response token, and
         each micro-batch's chosen+rejected rows forwarded in length-sorted groups, each padded
         only to its own longest row, split to minimise padded tokens plus a per-forward cost
-        (``group_by_length``; on by default for one process).
+        (``group_by_length``; on by default for one unwrapped process on CPU).
       - Frozen reference model sharded the same way, or reference log-probs precomputed
         once and cached on disk (``precompute_ref_log_probs``; keyed on the token ids, the
         reference weights, dtype and averaging; rank 0 decides a cache hit; ``hhdpo.ref_logps``).
@@ -94,6 +96,13 @@ class DPOTrainer(TrainStateMixin):
             dist.init_process_group(backend=backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        # bf16 goes through FSDP2's mixed precision even on one process: it casts the policy's fp32 master
+        # weights to bf16 as the reference is stored, so both compute alike (under autocast the policy kept an
+        # fp32 residual stream and its step-1 loss was not ln 2: 0.682 on an 8B-shaped model, H100)
+        self.sharded = t.fsdp if t.fsdp is not None else (self.world > 1 or self.dtype != torch.float32)
+        if not self.sharded and (self.world > 1 or self.dtype != torch.float32):
+            raise ConfigError(f"dpo_training.fsdp: false needs one process in fp32, not {self.world} rank(s) in "
+                              f"{self.dtype} (ranks train shards; bf16 is FSDP2's mixed precision)")
         self.paths = run_paths(cfg)
         self._seed_everything(t.seed)
         self._stop_signal = held_signal()  # one that came during start-up stops the run at the first step
@@ -102,6 +111,7 @@ class DPOTrainer(TrainStateMixin):
 
         resume_from = find_resume_checkpoint(cfg)
         self._log(f"[train] attempt={os.environ.get('SLURM_RESTART_COUNT', '0')} world={self.world} device={self.device} "
+                  f"fsdp={'yes' if self.sharded else 'no'} "
                   f"backend={backend} dtype={self.dtype} "
                   f"resume={'from ' + str(resume_from) if resume_from else 'no'}")
 
@@ -122,8 +132,10 @@ class DPOTrainer(TrainStateMixin):
         if not self.validates:
             self._log(f"[train] no validation: the validation split has {len(self.val_idx)} pair(s) (dataset.val_ratio="
                       f"{ds.val_ratio}), fewer than one batch across ranks ({self.world} x batch_size {t.batch_size})")
-        # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks)
-        self.group_by_length = t.group_by_length if t.group_by_length is not None else self.world == 1
+        # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks); on a
+        # GPU many small forwards cost more than padding (4x fewer tokens/s on an 8B-shaped model, H100)
+        self.group_by_length = (t.group_by_length if t.group_by_length is not None
+                                else not self.sharded and self.device.type == "cpu")
 
         # models
         self.policy, self.hf_config, self.arch = self._build_model(cfg.policy_model, trainable=True)
@@ -167,7 +179,7 @@ class DPOTrainer(TrainStateMixin):
         self._stop_signal = signum
 
     def _build_model(self, spec: str, trainable: bool):
-        return build_model(self.cfg, spec, trainable, self.device, self.dtype, self.world)
+        return build_model(self.cfg, spec, trainable, self.device, self.dtype, self.world, self.sharded)
 
     # ------------------------------------------------------------------ forward
 
@@ -175,9 +187,7 @@ class DPOTrainer(TrainStateMixin):
         return pair_batch([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length, self.device)
 
     def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # FSDP casts parameters itself; a single unwrapped process uses autocast for bf16
-        autocast = self.dtype if self.world == 1 and self.dtype != torch.float32 else None
-        return response_logps(model, batch, self.cfg.dpo_training.average_log_prob, autocast)
+        return response_logps(model, batch, self.cfg.dpo_training.average_log_prob)
 
     def _ref(self, idxs: list[int], batch: dict):
         if self.cfg.dpo_training.reference_free:
@@ -214,7 +224,7 @@ class DPOTrainer(TrainStateMixin):
         margins = []
         for i, idxs in enumerate(group):
             batch = self._batch(idxs)
-            if self.world > 1:
+            if self.sharded:
                 self.policy.set_requires_gradient_sync(i == ga - 1)
             pc, pr = self._logps(self.policy, batch)
             rc, rr = self._ref(idxs, batch)

@@ -177,7 +177,8 @@ def _trainer_checks(rank, world, model_dir) -> dict:
     hr.load_model = no_full_load
     cfg = Config()
     cfg.dpo_training.activation_checkpointing = True
-    trainer = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.bfloat16, world=world, rank=rank)
+    trainer = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.bfloat16, world=world, rank=rank,
+                                    sharded=world > 1)
     policy, hf_config, arch = ht.DPOTrainer._build_model(trainer, str(model_dir), trainable=True)
     ref, _, _ = ht.DPOTrainer._build_model(trainer, str(model_dir), trainable=False)
     # before any forward: FSDP2 may keep the root's unsharded (bf16 compute) parameters after one

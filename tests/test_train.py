@@ -185,8 +185,8 @@ def test_precomputed_reference_matches_live_reference(tmp_path, hh_file, tiny_ll
 
 
 def test_single_process_resume_and_group_by_length(tmp_path, hh_file, tiny_llama_dir):
-    """One process runs the model unwrapped (no FSDP): its checkpoints resume exactly too, and
-    the length-grouped forwards and bf16 autocast train on the same losses as one padded fp32 forward."""
+    """One fp32 process runs the model unwrapped (no FSDP): its checkpoints resume exactly too, and
+    the length-grouped forwards, FSDP2 on one rank and bf16 train on the same losses as one padded fp32 forward."""
     common = [f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", "dpo_training.batch_size=4",
               "dataset.max_len=96", "dataset.max_prompt_len=64", "dpo_training.lr_scheduler=constant"]
     from hhdpo.precision import cpu_bf16_native
@@ -194,14 +194,22 @@ def test_single_process_resume_and_group_by_length(tmp_path, hh_file, tiny_llama
     runs = {}
     # bf16: 2 steps only, since without AVX512_BF16/AMX each bf16 matmul is emulated (~100x an fp32 one)
     for name, extra in {"auto": [], "one": ["dpo_training.group_by_length=false"],
+                        "fsdp": ["dpo_training.fsdp=true"],
                         "bf16": ["precision=bf16", "dpo_training.max_steps=2"]}.items():
         r = run_cli("train", "--config", CFG, *base_overrides(hh_file, tmp_path / name), *common, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert f"fsdp={'yes' if name in ('fsdp', 'bf16') else 'no'}" in r.stdout, r.stdout[-3000:]
         runs[name] = [l for _, l in _losses(tmp_path / name)]
     assert len(runs["auto"]) == 6 and len(set(runs["auto"])) > 1
     assert runs["auto"] == pytest.approx(runs["one"], rel=1e-5)
+    # fsdp: true at one process: FSDP2 on a 1-rank mesh (meta-device build, weights streamed into
+    # the shards, no autocast, padded single forward): the multi-GPU code path, same losses
+    assert runs["fsdp"] == pytest.approx(runs["one"], rel=1e-5)
     assert len(runs["bf16"]) == 2
     assert runs["bf16"] == pytest.approx(runs["one"][:2], rel=2e-2) and runs["bf16"] != runs["one"][:2]
+    # bf16 is FSDP2's mixed precision even here: the policy's bf16 compute copy is the bf16 reference,
+    # so before any update the two agree exactly (under autocast they did not: an fp32 residual stream)
+    assert runs["bf16"][0] == pytest.approx(math.log(2), rel=1e-6)
     # the emulated-bf16 warning, once (from the last run: bf16)
     assert r.stderr.count("on a CPU without native bf16") == (0 if cpu_bf16_native()[0] else 1), r.stderr[-3000:]
 
