@@ -164,7 +164,8 @@ def jobs_in_flight(cfg: Config) -> list[str]:
         ids = set(json.loads(_jobs_file(cfg).read_text()).values())
     except (FileNotFoundError, json.JSONDecodeError, AttributeError):
         return []
-    p = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True, check=False)
+    # -r: one line per array element; without it pending elements show as one "17_[0-1%2]"
+    p = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i"], capture_output=True, text=True, check=False)
     return sorted(ids & set(p.stdout.split())) if p.returncode == 0 else []
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from hhdpo import slurm as hs
-from hhdpo.config import load_config
+from hhdpo.config import ConfigError, load_config
 from hhdpo.io import read_jsonl
 from tests.slurm_cluster import REPO
 
@@ -153,6 +153,20 @@ def test_pipeline_refuses_bad_config_and_another_runs_training(tmp_path):
     assert p.returncode == 2 and "holds a training run with another config (dpo_training.dpo_beta: 0.1 -> 0.2)" in p.stderr
     p = _dry_run(tmp_path, CFG, "run_dir=r")
     assert p.returncode == 0 and p.stdout.count("$(sbatch ") == 3, p.stderr
+
+
+def test_pending_array_elements_count_as_in_flight(slurm_cluster, tmp_path):
+    """A sweep's trainings are one job array: squeue shows its pending elements as one "J_[0-1%1]"
+    line unless asked for one per element; a second submission into the run must still see them."""
+    cfg = load_config(CFG, [f"run_dir={tmp_path}"])
+    job = slurm_cluster.sbatch("--hold", "--array=0-1%1", "-o", "/dev/null", "--wrap", "true")
+    try:
+        hs.record_jobs(cfg, {"train:a": f"{job}_0", "train:b": f"{job}_1", "judge": "999999"})
+        assert hs.jobs_in_flight(cfg) == [f"{job}_0", f"{job}_1"]
+        with pytest.raises(ConfigError, match=f"job\\(s\\) {job}_0, {job}_1 of an earlier submission"):
+            hs.check_run_dir(cfg, ["generate"])
+    finally:
+        slurm_cluster.run("scancel", job)
 
 
 def test_markers_count_only_with_their_config_hash(tmp_path):
