@@ -1,27 +1,29 @@
 """The GPU paths on one CUDA device, through the package's own entry points (not a test).
 
-Random-weight Llamas (nothing comes from the Hub; the tokenizer and chat template are copied
-from a local model directory, --tokenizer) are trained with ``hhdpo train`` on the real HH file:
+Random-weight Llamas (nothing comes from the Hub; the tokenizer and chat template are those of
+--tokenizer, by default SmolLM2's) are trained with ``hhdpo train`` on the real HH file, one
+process (nccl on a GPU), as users run it:
 
-  small-plain      SmolLM2-135M's shape, one process: nccl process group, model unwrapped, bf16
-                   autocast over fp32 master weights, fused AdamW on the GPU
-  small-fsdp       the same with ``dpo_training.fsdp=true``: FSDP2 on a 1-rank nccl mesh, the model
-                   built on the meta device and its bf16 safetensors streamed into the shards,
-                   MixedPrecisionPolicy (bf16 params, fp32 reduce): a multi-GPU run's code path
-  small-resume     small-fsdp stopped at half its steps (a DCP checkpoint), then resumed
-  big-plain/-fsdp  Llama-3.1-8B's layer shape (4096 hidden, 14336 MLP, 32 heads, 8 KV heads,
-                   untied 4096-wide LM head) with --layers layers, activation checkpointing,
-                   max_len 512: tokens/s after --warmup steps and the peak GPU memory
-                   (nvidia-smi, polled every 200 ms), unwrapped vs FSDP2 side by side
+  fp32              SmolLM2-135M's shape in fp32: the model unwrapped (nothing to shard)
+  bf16              the same in bf16: FSDP2's mixed precision on a 1-rank mesh (bf16 parameters
+                    cast from fp32 master weights, fp32 gradient reduce), the model built on the
+                    meta device and its bf16 safetensors streamed into the shards: a multi-GPU
+                    run's code path
+  bf16-resume       bf16 stopped at half its steps (a DCP checkpoint), then resumed
+  big-bf16          Llama-3.1-8B's layer shape (4096 hidden, 14336 MLP, 32 heads, 8 KV heads,
+                    untied LM head) with --layers layers, activation checkpointing, max_len 512:
+                    tokens/s after --warmup steps and the peak GPU memory (nvidia-smi, 200 ms)
+  big-bf16-grouped  the same with dpo_training.group_by_length=true (the CPU default), side by side
 
-then ``hhdpo generate --backend transformers`` samples from small-fsdp's Hugging Face export on
-the GPU (vLLM too, when it is installed). Checks: every run exits 0 and logs the expected world,
-device, dtype and fsdp; small-resume continues with small-fsdp's losses; the FSDP run's first
-loss matches the unwrapped one's (bf16 tolerance); the exports load. Exits 1 if a check fails.
+then ``hhdpo generate --backend transformers`` samples from bf16's Hugging Face export on the
+device (vLLM too, on a GPU where it is installed). Checks: every run exits 0 and logs the
+expected world, device, backend, dtype and fsdp; bf16's first loss is exactly ln 2 (policy and
+reference compute alike) and its first log-probs match fp32's (bf16 tolerance); bf16-resume
+continues with bf16's losses; the export loads. Exits 1 if a check fails.
 
     make bench-gpu                    # = python bench/gpu_check.py [--out gpu.json]; ~7 min on one H100
     python bench/gpu_check.py --tokenizer DIR --data HH.jsonl.gz   # a tokenizer directory instead of smollm2
-    python bench/gpu_check.py --device cpu --layers 1 --steps 2 --big-steps 3   # the same runs on CPU (fp32, tiny)
+    python bench/gpu_check.py --device cpu --layers 1 --steps 2 --big-steps 3   # the same runs on CPU (tiny)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -141,7 +144,6 @@ def main(argv=None) -> int:
 
     env["transformers"] = transformers.__version__
     print(f"[gpu-check] {env}", flush=True)
-    precision = "bf16" if cuda else "fp32"
     small, big = ("small", "big") if cuda else ("tiny", "tiny")
     results, checks = {"env": env, "runs": []}, []
 
@@ -159,70 +161,63 @@ def main(argv=None) -> int:
         results.update(small_params=n_small, big_params=n_big)
         print(f"[gpu-check] random Llamas: small {n_small / 1e6:.0f}M, big {n_big / 1e6:.0f}M parameters", flush=True)
         data = [f"dataset.dataset_name={a.data}", f"HH_test.hh_test={a.data}", f"device={a.device}",
-                f"precision={precision}", "dpo_training.lr_scheduler=constant", "dpo_training.warmup_steps=2",
-                "dpo_training.log_steps=1", "dpo_training.learning_rate=1e-5", "wandb.mode=disabled"]
+                "dpo_training.lr_scheduler=constant", "dpo_training.warmup_steps=2", "dpo_training.log_steps=1",
+                "dpo_training.learning_rate=1e-5", "wandb.mode=disabled"]
         common = [*data, "dataset.subset=train[:640]", "dataset.val_ratio=0.05", "dataset.max_len=256",
                   "dataset.max_prompt_len=128", "dpo_training.batch_size=8", "checkpoint.save_steps=0"]
         half = a.steps // 2
-        runs = {
-            "small-plain": (small, common + [f"dpo_training.max_steps={a.steps}"]),
-            "small-fsdp": (small, common + [f"dpo_training.max_steps={a.steps}", "dpo_training.fsdp=true"]),
-            "small-resume": (small, common + [f"dpo_training.max_steps={half}", f"checkpoint.save_steps={half}",
-                                              "dpo_training.fsdp=true"]),
-        }
-        for name, (shape, args) in runs.items():
-            results["runs"].append(train(name, tmp, tmp / "small-model", args, []))
-        # the same run directory, now to the end: resumes from the checkpoint at `half`
-        rerun = train("small-resume", tmp, tmp / "small-model", runs["small-resume"][1][:-3],
-                      [f"dpo_training.max_steps={a.steps}", "dpo_training.fsdp=true"])
-        results["runs"].append(rerun)
-        big_args = [*data, "dataset.subset=train[:1200]", "dataset.val_ratio=0", "dataset.max_len=512",
+        small_runs = [
+            ("fp32", ["precision=fp32", f"dpo_training.max_steps={a.steps}"]),
+            ("bf16", ["precision=bf16", f"dpo_training.max_steps={a.steps}"]),
+            ("bf16-resume", ["precision=bf16", f"dpo_training.max_steps={half}", f"checkpoint.save_steps={half}"]),
+            # the same run directory, now to the end: resumes from the checkpoint at `half`
+            ("bf16-resume", ["precision=bf16", f"dpo_training.max_steps={a.steps}"]),
+        ]
+        for name, extra in small_runs:
+            results["runs"].append(train(name, tmp, tmp / "small-model", common, extra))
+        big_args = [*data, "precision=bf16", "dataset.subset=train[:1200]", "dataset.val_ratio=0", "dataset.max_len=512",
                     "dataset.max_prompt_len=256", "dpo_training.batch_size=4", f"dpo_training.max_steps={a.big_steps}",
                     "dpo_training.activation_checkpointing=true", "checkpoint.save_steps=0"]
-        for name, extra in {"big-plain": [], "big-fsdp": ["dpo_training.fsdp=true"]}.items():
+        for name, extra in {"big-bf16": [], "big-bf16-grouped": ["dpo_training.group_by_length=true"]}.items():
             results["runs"].append(train(name, tmp, tmp / "big-model", big_args, extra))
 
-        by = {r["name"]: r for r in results["runs"]}  # the second small-resume (the resumed one) wins
+        by = {r["name"]: r for r in results["runs"]}  # the second bf16-resume (the resumed one) wins
         for r in results["runs"]:
-            want = f"world=1 device={a.device}{':0' if cuda else ''} fsdp={'yes' if 'fsdp' in r['name'] or 'resume' in r['name'] else 'no'} " \
-                   f"backend={'nccl' if cuda else 'gloo'} dtype=torch.{'bfloat16' if cuda else 'float32'}"
+            bf16 = "bf16" in r["name"]
+            want = (f"world=1 device={a.device}{':0' if cuda else ''} fsdp={'yes' if bf16 else 'no'} "
+                    f"backend={'nccl' if cuda else 'gloo'} dtype=torch.{'bfloat16' if bf16 else 'float32'}")
             check(f"{r['name']} ran", r["rc"] == 0 and want in r["log"], f"rc={r['rc']} want '{want}' in '{r['log']}'")
-        plain, fsdp, resumed = by["small-plain"], by["small-fsdp"]["losses"], by["small-resume"]["losses"]
-        if plain["logps"] and by["small-fsdp"]["logps"]:
-            # step 1's loss is ln 2 whatever the numerics (policy = reference): compare its log-probs
-            x, y = by["small-fsdp"]["logps"][0], plain["logps"][0]
-            rel = abs(x - y) / abs(y)
-            check("fsdp step-1 log-probs = unwrapped", rel < (2e-2 if cuda else 1e-5), f"{x:.4f} vs {y:.4f} (rel {rel:.1e})")
-            curve = max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(fsdp, plain["losses"]))
-            print(f"[gpu-check] fsdp vs unwrapped loss curves: worst rel diff {curve:.1e} (bf16 autocast vs bf16 "
-                  "FSDP params: not expected to be equal on GPU)", flush=True)
-        if fsdp and len(resumed) == len(fsdp):
-            worst = max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(resumed, fsdp))
-            check("resumed losses = uninterrupted losses", worst < (1e-2 if cuda else 1e-5), f"worst rel diff {worst:.1e} over {len(fsdp)} steps")
+        fp32, bf16, resumed = by["fp32"], by["bf16"]["losses"], by["bf16-resume"]["losses"]
+        if fp32["logps"] and bf16:
+            # policy = reference at step 1: the loss is ln 2 exactly when both compute alike
+            check("bf16 step-1 loss = ln 2", abs(bf16[0] - math.log(2)) < 1e-6 * math.log(2), f"{bf16[0]:.7f}")
+            x, y = by["bf16"]["logps"][0], fp32["logps"][0]
+            check("bf16 step-1 log-probs = fp32's", abs(x - y) / abs(y) < 2e-2, f"{x:.4f} vs {y:.4f} (rel {abs(x - y) / abs(y):.1e})")
+        if bf16 and len(resumed) == len(bf16):
+            worst = max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(resumed, bf16))
+            check("resumed losses = uninterrupted losses", worst < (1e-2 if cuda else 1e-5), f"worst rel diff {worst:.1e} over {len(bf16)} steps")
         else:
-            check("resumed losses = uninterrupted losses", False, f"{len(resumed)} vs {len(fsdp)} logged steps")
-        check("small-resume resumed", "resumed from" in (tmp / "small-resume.log").read_text())
-        for name in ("big-plain", "big-fsdp"):
+            check("resumed losses = uninterrupted losses", False, f"{len(resumed)} vs {len(bf16)} logged steps")
+        check("bf16-resume resumed", "resumed from" in (tmp / "bf16-resume.log").read_text())
+        for name in ("big-bf16", "big-bf16-grouped"):
             tps = by[name]["tokens_per_s"][a.warmup:]
             by[name]["steady_tokens_per_s"] = statistics.median(tps) if tps else None
-        bp, bf = by["big-plain"]["steady_tokens_per_s"], by["big-fsdp"]["steady_tokens_per_s"]
-        if bp and bf:
             # model FLOPs per token: 6N (policy forward + backward) + 2N (reference forward), attention ignored
-            for name in ("big-plain", "big-fsdp"):
-                by[name]["model_tflops"] = 8 * n_big * by[name]["steady_tokens_per_s"] / 1e12
-            results["fsdp_over_plain_tokens_per_s"] = bf / bp
-            print(f"[gpu-check] 8B-shaped, {a.layers} layers ({n_big / 1e9:.2f}B): tokens/s plain {bp:.0f}, "
-                  f"fsdp {bf:.0f} (ratio {bf / bp:.2f}); model TFLOP/s {by['big-plain']['model_tflops']:.0f} / "
-                  f"{by['big-fsdp']['model_tflops']:.0f}; peak GPU MiB {by['big-plain']['peak_gpu_mib']} / "
-                  f"{by['big-fsdp']['peak_gpu_mib']}", flush=True)
+            by[name]["model_tflops"] = 8 * n_big * (by[name]["steady_tokens_per_s"] or 0) / 1e12
+        flat, grouped = by["big-bf16"], by["big-bf16-grouped"]
+        if flat["steady_tokens_per_s"] and grouped["steady_tokens_per_s"]:
+            results["grouped_over_flat_tokens_per_s"] = grouped["steady_tokens_per_s"] / flat["steady_tokens_per_s"]
+            print(f"[gpu-check] 8B-shaped, {a.layers} layers ({n_big / 1e9:.2f}B): tokens/s {flat['steady_tokens_per_s']:.0f} "
+                  f"({flat['model_tflops']:.0f} model TFLOP/s, peak {flat['peak_gpu_mib']} MiB); length-grouped "
+                  f"{grouped['steady_tokens_per_s']:.0f} (ratio {results['grouped_over_flat_tokens_per_s']:.2f})", flush=True)
 
-        export = tmp / "small-fsdp" / "model"
+        export = tmp / "bf16" / "model"
         from transformers import AutoModelForCausalLM
 
         m = AutoModelForCausalLM.from_pretrained(export)
-        check("fsdp export loads", m.dtype == (torch.bfloat16 if cuda else torch.float32), f"dtype {m.dtype}")
+        check("bf16 export loads", m.dtype == torch.bfloat16, f"dtype {m.dtype}")
         del m
-        gen = [f"run_dir={tmp / 'small-fsdp'}", f"policy_model={tmp / 'small-model'}", f"ref_model={tmp / 'small-model'}", *data[:4], "HH_test.num_sample=8",
+        gen = [f"run_dir={tmp / 'bf16'}", f"policy_model={tmp / 'small-model'}", f"ref_model={tmp / 'small-model'}", *data[:3], "HH_test.num_sample=8",
                "HH_test.max_new_tokens=32"]
         backends = ["transformers"] + (["vllm"] if cuda and importlib.util.find_spec("vllm") else [])
         if "vllm" not in backends:  # (vLLM's CPU attention has no kernel for the tiny model's head size)
@@ -231,7 +226,7 @@ def main(argv=None) -> int:
             rc, out, wall = hhdpo("generate", "--config", CONFIG, "--backend", backend, *gen,
                                   f"HH_test.HH_test_policy_out=eval/policy_{backend}.jsonl",
                                   f"HH_test.HH_test_base_out=eval/base_{backend}.jsonl", log=tmp / f"generate-{backend}.log")
-            outs = tmp / "small-fsdp" / "eval" / f"policy_{backend}.jsonl"
+            outs = tmp / "bf16" / "eval" / f"policy_{backend}.jsonl"
             rows = outs.read_text().splitlines() if outs.is_file() else []
             check(f"generate --backend {backend}", rc == 0 and len(rows) == 8, f"rc={rc}, {len(rows)} rows, {wall:.0f} s")
             if rc:
