@@ -184,8 +184,8 @@ def main(argv=None) -> int:
         by = {r["name"]: r for r in results["runs"]}  # the second bf16-resume (the resumed one) wins
         for r in results["runs"]:
             bf16 = "bf16" in r["name"]
-            want = (f"world=1 device={a.device}{':0' if cuda else ''} fsdp={'yes' if bf16 else 'no'} "
-                    f"backend={'nccl' if cuda else 'gloo'} dtype=torch.{'bfloat16' if bf16 else 'float32'}")
+            want = (f"world=1 device={a.device}{':0' if cuda else ''} backend={'nccl' if cuda else 'gloo'} "
+                    f"dtype=torch.{'bfloat16' if bf16 else 'float32'} fsdp={'yes' if bf16 else 'no'}")
             check(f"{r['name']} ran", r["rc"] == 0 and want in r["log"], f"rc={r['rc']} want '{want}' in '{r['log']}'")
         fp32, bf16, resumed = by["fp32"], by["bf16"]["losses"], by["bf16-resume"]["losses"]
         if fp32["logps"] and bf16:

@@ -111,8 +111,7 @@ class DPOTrainer(TrainStateMixin):
 
         resume_from = find_resume_checkpoint(cfg)
         self._log(f"[train] attempt={os.environ.get('SLURM_RESTART_COUNT', '0')} world={self.world} device={self.device} "
-                  f"fsdp={'yes' if self.sharded else 'no'} "
-                  f"backend={backend} dtype={self.dtype} "
+                  f"backend={backend} dtype={self.dtype} fsdp={'yes' if self.sharded else 'no'} "
                   f"resume={'from ' + str(resume_from) if resume_from else 'no'}")
 
         # data: every rank parses and tokenizes (cheap); indices decide who trains on what
