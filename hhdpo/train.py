@@ -99,8 +99,9 @@ class DPOTrainer(TrainStateMixin):
         # bf16 goes through FSDP2's mixed precision even on one process: it casts the policy's fp32 master
         # weights to bf16 as the reference is stored, so both compute alike (under autocast the policy kept an
         # fp32 residual stream and its step-1 loss was not ln 2: 0.682 on an 8B-shaped model, H100)
-        self.sharded = t.fsdp if t.fsdp is not None else (self.world > 1 or self.dtype != torch.float32)
-        if not self.sharded and (self.world > 1 or self.dtype != torch.float32):
+        needs_fsdp = self.world > 1 or self.dtype != torch.float32
+        self.sharded = needs_fsdp if t.fsdp is None else t.fsdp
+        if needs_fsdp and not self.sharded:
             raise ConfigError(f"dpo_training.fsdp: false needs one process in fp32, not {self.world} rank(s) in "
                               f"{self.dtype} (ranks train shards; bf16 is FSDP2's mixed precision)")
         self.paths = run_paths(cfg)
