@@ -39,7 +39,7 @@ setup:
 	$(PY) -c "import vllm, hhdpo.models as m; print('offline model:', m.resolve_model('smollm2'))"
 
 test:
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 test-fast:
 	$(PY) -m pytest -q tests -m "not slow"
