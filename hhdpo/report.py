@@ -18,15 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from hhdpo import numfmt
 from hhdpo.runlog import RunLogs, read_run
 
 
 def _g(x) -> str:
     return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def key_numbers(logs: RunLogs, delta: float | None = None) -> list[tuple[str, str]]:
@@ -59,10 +56,10 @@ def key_numbers(logs: RunLogs, delta: float | None = None) -> list[tuple[str, st
     if logs.summary:
         conf = f"{100 * logs.summary.get('confidence', 0.95):g}%"
         for f in logs.summary["files"]:
-            lo, hi = f.get("win_rate_ci") or (None, None)
-            ci = "" if lo is None else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+            bounds = f.get("win_rate_ci") or (None, None)
+            ci = "" if bounds[0] is None else " " + numfmt.ci(bounds)
             rows.append((f"win rate vs HH chosen: {f.get('label')}",
-                         f"{_pct(f.get('win_rate'))}{ci} excl. ties ({conf} Wilson CI), {_pct(f.get('win_rate_ties_half'))} "
+                         f"{numfmt.pct(f.get('win_rate'))}{ci} excl. ties ({conf} Wilson CI), {numfmt.pct(f.get('win_rate_ties_half'))} "
                          f"with ties as half; {f.get('wins')}/{f.get('losses')}/{f.get('ties')} win/loss/tie, "
                          f"{f.get('errors')} judge errors"))
         from hhdpo.summarize import describe_test

@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from hhdpo import numfmt
 from hhdpo.errors import BadInput
 from hhdpo.io import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_jsonl
 from hhdpo.paired import paired_comparison
@@ -150,32 +151,20 @@ def summarize(files, labels: Optional[list[str]] = None, confidence: float = 0.9
 # --------------------------------------------------------------------------- output
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(ci) -> str:
-    return "n/a" if ci[0] is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
-def _p(p) -> str:
-    return "n/a" if p is None else f"{p:.4g}"
-
-
 def describe_test(c: dict) -> str:
     """A comparison in words, for the chart: which test, its p-value, and on how many prompts."""
     pr = c.get("paired") or {}
     if c.get("test") == "paired":
-        return (f"{c['a']} vs {c['b']}: paired exact sign test, p = {_p(c['p_value'])}\n"
+        return (f"{c['a']} vs {c['b']}: paired exact sign test, p = {numfmt.pval(c['p_value'])}\n"
                 f"{pr['shared']} shared prompts "
                 f"({pr['excluded_error'] + pr['only_a'] + pr['only_b'] + pr['prompt_mismatch']} excluded): "
                 f"{c['a']} better {pr['a_better']}, {c['b']} better {pr['b_better']}, same {pr['same']}")
-    return f"{c['a']} vs {c['b']}: two-proportion z-test (unpaired, no shared prompts), p = {_p(c.get('p_value'))}"
+    return f"{c['a']} vs {c['b']}: two-proportion z-test (unpaired, no shared prompts), p = {numfmt.pval(c.get('p_value'))}"
 
 
 def _comparison_row(c: dict) -> str:
     un = c.get("unpaired") or {"z": c.get("z"), "p_value": c.get("p_value")}  # pre-paired summaries: all unpaired
-    zp = "n/a" if un["z"] is None else f"z = {un['z']:.3f}, p = {_p(un['p_value'])}"
+    zp = "n/a" if un["z"] is None else f"z = {un['z']:.3f}, p = {numfmt.pval(un['p_value'])}"
     if c.get("test") == "paired":
         pr = c["paired"]
         excl = (f"{pr['excluded_error']} judge error/no verdict on one side, "
@@ -183,10 +172,10 @@ def _comparison_row(c: dict) -> str:
                                                                        if pr["prompt_mismatch"] else ""))
         diff = "n/a" if c["diff"] is None else f"{100 * c['diff']:+.1f} pp (ties = ½)"
         return (f"| {c['a']} | {c['b']} | paired exact sign test | {pr['shared']} shared ({excl} excluded) | "
-                f"{pr['a_better']} / {pr['b_better']} / {pr['same']} | {diff} | {_p(c['p_value'])} | {zp} |")
+                f"{pr['a_better']} / {pr['b_better']} / {pr['same']} | {diff} | {numfmt.pval(c['p_value'])} | {zp} |")
     diff = "n/a" if c.get("diff") is None else f"{100 * c['diff']:+.1f} pp (excl. ties)"
     return (f"| {c['a']} | {c['b']} | two-proportion z-test (no shared prompts) | — | — | {diff} | "
-            f"{_p(c.get('p_value'))} | {zp} |")
+            f"{numfmt.pval(c.get('p_value'))} | {zp} |")
 
 
 def markdown(summary: dict) -> str:
@@ -196,8 +185,8 @@ def markdown(summary: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in summary["files"]:
         lines.append(f"| {r['label']} | {r['n']} | {r['wins']} | {r['losses']} | {r['ties']} | {r['errors']} | "
-                     f"{_pct(r['win_rate'])} | {_ci(r['win_rate_ci'])} | {_pct(r['win_rate_ties_half'])} | "
-                     f"{_ci(r['win_rate_ties_half_ci'])} | {_pct(r['agreement_rate'])} |")
+                     f"{numfmt.pct(r['win_rate'])} | {numfmt.ci(r['win_rate_ci'])} | {numfmt.pct(r['win_rate_ties_half'])} | "
+                     f"{numfmt.ci(r['win_rate_ties_half_ci'])} | {numfmt.pct(r['agreement_rate'])} |")
     if summary["comparisons"]:
         lines += ["", "| A | B | test | prompts | A better / B better / same | difference (A − B) | p-value | "
                       "unpaired z-test (reference) |",

@@ -23,6 +23,7 @@ import json
 import re
 from pathlib import Path
 
+from hhdpo import numfmt
 from hhdpo import slurm as hs
 from hhdpo.config import Config, ConfigError, load_config, run_paths
 
@@ -142,8 +143,6 @@ def sweep_table(sweep: dict, summary: dict) -> dict:
 
 
 def markdown(table: dict) -> str:
-    from hhdpo.summarize import _ci, _p, _pct  # the summary table's number formats
-
     axes = table["axes"]
     conf = f"{100 * table['confidence']:g}%"
     lines = ["| model | " + " | ".join(axes) + f" | n | W/L/T | win rate vs HH chosen | {conf} CI | "
@@ -151,10 +150,10 @@ def markdown(table: dict) -> str:
              "|---|" + "---|" * len(axes) + "---:|---|---:|---|---:|---:|"]
     for r in table["rows"]:
         diff = "–" if r["vs_base_diff"] is None else f"{100 * r['vs_base_diff']:+.1f} pts ({r['vs_base_test']})"
-        p = "–" if r["vs_base_p"] is None else _p(r["vs_base_p"])
+        p = "–" if r["vs_base_p"] is None else numfmt.pval(r["vs_base_p"])
         lines.append(f"| {r['name']} | " + " | ".join(str(r["values"].get(a, "–")) for a in axes)
-                     + f" | {r['n']} | {r['wins']}/{r['losses']}/{r['ties']} | {_pct(r['win_rate'])} | "
-                     f"{_ci(r['win_rate_ci'])} | {diff} | {p} |")
+                     + f" | {r['n']} | {r['wins']}/{r['losses']}/{r['ties']} | {numfmt.pct(r['win_rate'])} | "
+                     f"{numfmt.ci(r['win_rate_ci'])} | {diff} | {p} |")
     return "\n".join(lines)
 
 
