@@ -142,7 +142,9 @@ def _build(cls, data: Any, prefix: str):
     obj = cls(**kwargs)
     for key, ok, expected in getattr(obj, "_checks", lambda: [])():
         if not ok:
-            value = getattr(obj, _PY_KEYS.get(key, key))
+            value = obj
+            for part in key.split("."):  # a check across sections names the nested key it refuses
+                value = getattr(value, _PY_KEYS.get(part, part))
             raise ConfigError(f"{prefix}{key}: got {value!r}, expected {expected}")
     return obj
 

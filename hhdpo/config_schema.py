@@ -286,6 +286,9 @@ class Config:
         yield "precision", self.precision in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16"
         yield "device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"
         yield "policy_model", bool(self.policy_model), "a model id or path"
+        # bf16 training is FSDP2's mixed precision (train.py); precision: auto is only known at run time
+        yield ("dpo_training.fsdp", not (self.dpo_training.fsdp is False and self.precision == "bf16"),
+               "true or null with precision: bf16 (bf16 training runs through FSDP2's mixed precision)")
 
     @property
     def ref_model_path(self) -> str:

@@ -102,8 +102,9 @@ class DPOTrainer(TrainStateMixin):
         needs_fsdp = self.world > 1 or self.dtype != torch.float32
         self.sharded = needs_fsdp if t.fsdp is None else t.fsdp
         if needs_fsdp and not self.sharded:
-            raise ConfigError(f"dpo_training.fsdp: false needs one process in fp32, not {self.world} rank(s) in "
-                              f"{self.dtype} (ranks train shards; bf16 is FSDP2's mixed precision)")
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise ConfigError(f"dpo_training.fsdp: false needs one process in float32; this run has {self.world} "
+                              f"rank(s) in {dtype} (ranks train shards; bf16 is FSDP2's mixed precision)")
         self.paths = run_paths(cfg)
         self._seed_everything(t.seed)
         self._stop_signal = held_signal()  # one that came during start-up stops the run at the first step

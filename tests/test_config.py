@@ -97,3 +97,17 @@ def test_average_log_prob_auto_resolves_by_loss_type_and_is_saved_resolved(tmp_p
     assert load_config(None, ["dpo_training.average_log_prob=true"]).dpo_training.average_log_prob is True
     saved = yaml.safe_load(save_config(ipo, tmp_path).read_text())
     assert saved["dpo_training"]["average_log_prob"] is True
+
+
+@pytest.mark.parametrize("precision, fsdp, refused", [
+    ("bf16", "false", True), ("bf16", "null", False), ("bf16", "true", False),
+    ("fp32", "false", False), ("auto", "false", False),  # auto: decided by the trainer on the device it finds
+])
+def test_fsdp_off_with_bf16_is_refused_at_load(precision, fsdp, refused):
+    overrides = [f"precision={precision}", f"dpo_training.fsdp={fsdp}"]
+    if not refused:
+        assert load_config(SEED, overrides).precision == precision
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(SEED, overrides)
+    assert str(e.value).startswith("dpo_training.fsdp: got False, expected true or null with precision: bf16"), str(e.value)

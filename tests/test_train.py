@@ -78,17 +78,22 @@ def test_refuses_save_dir_holding_another_run(tmp_path, hh_file):
     assert tree_digest(save) == before
 
 
-def test_bad_input_inside_the_workers_is_reported_once_and_recorded(tmp_path, hh_file, tiny_llama_dir):
-    """3 pairs cannot fill 2 ranks x 4: every rank raises DataError after preflight; rank 0 alone
-    says it and records it in run_state.json, and the run exits 2."""
+@pytest.mark.parametrize("overrides, error", [
+    # 3 pairs cannot fill 2 ranks x 4: every rank raises DataError after preflight
+    ({"dataset.subset": "test[:3]", "dpo_training.batch_size": 4}, "3 training pairs are too few"),
+    # known only once the ranks are up (precision: auto with fsdp: false passes the config check)
+    ({"dpo_training.fsdp": "false"}, "dpo_training.fsdp: false needs one process in float32; this run has 2 rank(s) in float32"),
+])
+def test_bad_input_inside_the_workers_is_reported_once_and_recorded(tmp_path, hh_file, tiny_llama_dir, overrides, error):
+    """Every rank raises; rank 0 alone says it and records it in run_state.json, and the run exits 2."""
     save = tmp_path / "run"
-    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, save, **{
-        "dataset.subset": "test[:3]", "dpo_training.batch_size": 4}),
-        f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", timeout=300)
+    r = run_cli("train", "--config", CFG, "--nproc-per-node", 2, *base_overrides(hh_file, save, **overrides),
+                f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stderr.count("hhdpo train: error: 3 training pairs are too few") == 1, r.stderr[-3000:]
+    assert r.stderr.count(f"hhdpo train: error: {error}") == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
     state = json.loads((save / "run_state.json").read_text())
-    assert state["status"] == "bad_input" and "too few" in state["message"]
+    assert state == {"status": "bad_input", "message": state["message"]} and state["message"].startswith(error)
 
 
 def test_no_empty_metric_records_when_validation_is_impossible(tmp_path, hh_file, tiny_llama_dir):
