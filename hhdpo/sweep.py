@@ -23,8 +23,7 @@ import json
 import re
 from pathlib import Path
 
-from hhdpo import numfmt
-from hhdpo import slurm as hs
+from hhdpo import numfmt, slurm as hs
 from hhdpo.config import Config, ConfigError, load_config, run_paths
 
 BASE = "base"
