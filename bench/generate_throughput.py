@@ -1,6 +1,6 @@
 """Throughput of `hhdpo generate`'s backends: vLLM vs transformers on the same prompts.
 
-Both engines are the ones the stage uses (hhdpo.generate.VLLMEngine / HFEngine), fed the
+Both engines are the ones the stage uses (hhdpo.evaluation.generate.VLLMEngine / HFEngine), fed the
 same chat-template token ids and sampling settings; model loading is timed separately and
 excluded from tokens/s. Not a test: run it by hand on an otherwise idle machine.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 def run(backend: str, cfg, path: str, tok, prompts: list[list[int]], chunk: int) -> dict:
     """Load, generate all prompts in chunks, close; returns timings and token counts."""
-    from hhdpo.generate import open_engine
+    from hhdpo.evaluation.generate import open_engine
 
     t0 = time.perf_counter()
     engine = open_engine(backend, cfg, path, tok)
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                          "collapse when other jobs share the cores")
     args = ap.parse_args(argv)
 
-    from hhdpo.config import load_config
-    from hhdpo.generate import load_prompts, render_prompt
-    from hhdpo.models import load_tokenizer, resolve_model
+    from hhdpo.core.config import load_config
+    from hhdpo.core.models import load_tokenizer, resolve_model
+    from hhdpo.evaluation.generate import load_prompts, render_prompt
 
     cfg = load_config(None, [
         f"HH_test.hh_test={args.data}", f"HH_test.num_sample={args.num_prompts}",

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         checks.append({"check": name, "ok": bool(ok), "detail": detail})
         print(f"[gpu-check] {'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
 
-    from hhdpo.models import resolve_model
+    from hhdpo.core.models import resolve_model
 
     tok_dir = Path(resolve_model(a.tokenizer))
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))

@@ -2,7 +2,7 @@
 
 Starts tests/fake_responses_server.py as a subprocess with a fixed latency per request
 (default 200 ms, a typical hosted-judge round trip), then judges the same N pairs with
-``hhdpo.judge`` at concurrency 1 and at concurrency C through the real ``openai``
+``hhdpo.evaluation.judge`` at concurrency 1 and at concurrency C through the real ``openai``
 client, and prints requests/s for both and their ratio (target: >= 20x at C=32).
 
     python bench/judge_throughput.py [--requests 128] [--latency 0.2] [--concurrency 32]
@@ -37,7 +37,7 @@ def make_pairs(path: Path, n: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_responses_server import hh_generation_records
 
-    from hhdpo.pairwise import make_pairwise
+    from hhdpo.evaluation.pairwise import make_pairwise
 
     gen = path.with_name("gen.jsonl")
     gen.write_text("".join(json.dumps(r) + "\n" for r in hh_generation_records(n)))
@@ -45,9 +45,9 @@ def make_pairs(path: Path, n: int) -> None:
 
 
 def measure(pairs: Path, out: Path, base_url: str, concurrency: int) -> tuple[float, int]:
-    from hhdpo.config import JudgeConfig
-    from hhdpo.judge import JudgeSettings, judge_files
-    from hhdpo.judge_api import make_client
+    from hhdpo.core.config import JudgeConfig
+    from hhdpo.evaluation.judge import JudgeSettings, judge_files
+    from hhdpo.evaluation.judge_api import make_client
 
     settings = JudgeSettings(JudgeConfig(model="fake-judge", concurrency=concurrency), progress=False)
 

@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     args.overrides = ([f"dpo_training.max_steps={args.steps}"] if args.steps else []) + \
                      ([f"HH_test.num_sample={args.prompts}"] if args.prompts else [])
     sys.path.insert(0, str(ROOT))
-    from hhdpo.config import load_config
+    from hhdpo.core.config import load_config
 
     cfg = load_config(ROOT / CONFIG, args.overrides)
     args.steps_eff, args.prompts_eff = cfg.dpo_training.max_steps, cfg.HH_test.num_sample

@@ -97,7 +97,7 @@ def _old_build(self, spec, trainable):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from hhdpo.models import decoder_layer_classes, load_model
+    from hhdpo.core.models import decoder_layer_classes, load_model
 
     model = load_model(spec, dtype=torch.float32)
     hf_config, arch = copy.deepcopy(model.config), type(model).__name__
@@ -128,7 +128,7 @@ def worker(mode: str, model_dir: str, warmup_dir: str, out: str) -> None:
     import torch.distributed as dist
 
     import hhdpo.train as ht
-    from hhdpo.config import Config
+    from hhdpo.core.config import Config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

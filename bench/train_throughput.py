@@ -145,7 +145,7 @@ def profile_table(prof, limit: int = 30) -> str:
 
 
 def child_hhdpo(a, precision: str, precompute: bool) -> dict:
-    from hhdpo.serve import free_port
+    from hhdpo.evaluation.serve import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -155,7 +155,7 @@ def child_hhdpo(a, precision: str, precompute: bool) -> dict:
     import torch.distributed as dist
 
     import hhdpo.train as ht
-    from hhdpo.config import load_config
+    from hhdpo.core.config import load_config
 
     extra = {}
     orig = ht.DPOTrainer._precomputed_ref_logps
@@ -212,9 +212,9 @@ def child_trl(a, precision: str, precompute: bool) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from hhdpo.config import load_config
-    from hhdpo.data import load_pairs, tokenize_pair, tokenize_pairs
-    from hhdpo.models import load_tokenizer, resolve_model
+    from hhdpo.core.config import load_config
+    from hhdpo.core.models import load_tokenizer, resolve_model
+    from hhdpo.data.hh import load_pairs, tokenize_pair, tokenize_pairs
 
     cfg = load_config(REPO / "configs/smollm2_cpu.yaml", hhdpo_overrides(a, precision, precompute, "/nonexistent"))
     ds_cfg = cfg.dataset
@@ -362,7 +362,7 @@ def count_params(model_dir: str) -> int:
 
 def raw_rows_for(data: str, pairs: int) -> int:
     """How many raw records hold the first `pairs` pairs hhdpo parses (some records are skipped)."""
-    from hhdpo.data import load_raw, split_pair
+    from hhdpo.data.hh import load_raw, split_pair
 
     got = 0
     for i, (_, rec) in enumerate(load_raw(data, "test")):
@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
     sys.path.insert(0, str(REPO))
-    from hhdpo.models import resolve_model
-    from hhdpo.precision import bf16_matmul_slowdown, cpu_bf16_native
+    from hhdpo.core.models import resolve_model
+    from hhdpo.training.precision import bf16_matmul_slowdown, cpu_bf16_native
 
     native, why = cpu_bf16_native()
     a.skip_bf16 = not native

@@ -9,18 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = {
-    "train": ("hhdpo.train", "train a DPO policy with FSDP2 (launches torchrun when needed)"),
-    "data": ("hhdpo.data", "show how HH pairs parse and render; parse/skip counts"),
-    "generate": ("hhdpo.generate", "generate policy/base responses to HH test prompts (vLLM)"),
-    "pairwise": ("hhdpo.pairwise", "build A/B pairwise files against HH chosen responses"),
-    "judge": ("hhdpo.judge", "judge pairwise files with an LLM judge (OpenAI-compatible)"),
-    "summarize": ("hhdpo.summarize", "win/loss/tie with Wilson CIs, table, JSON and chart"),
-    "eval": ("hhdpo.evaluate", "generate -> pairwise -> judge -> summarize in one go"),
-    "upload": ("hhdpo.upload", "upload the model and logs to the Hugging Face Hub"),
-    "submit": ("hhdpo.submit", "submit train|eval|pipeline|sweep as submitit jobs (SLURM, or locally)"),
-    "report": ("hhdpo.report", "report.png + report.html: training curves, tail test, eval win rates"),
-}
+from hhdpo.core.stage import STAGES
 
 
 def _usage() -> str:
@@ -44,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hhdpo: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     if stage == "train":
-        from hhdpo.launch import hold_stop_signals
+        from hhdpo.core.distenv import hold_stop_signals
 
         hold_stop_signals()  # before torch is imported: a preemption during start-up still checkpoints
     module = importlib.import_module(STAGES[stage][0])
-    sys.exit(module.cli(argv[1:]))  # every stage returns the exit codes of hhdpo.errors
+    sys.exit(module.cli(argv[1:]))  # every stage returns the exit codes of hhdpo.core.errors

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from hhdpo.config import Config, redact, run_paths
-from hhdpo.errors import BadInput
+from hhdpo.core.config import Config, redact, run_paths
+from hhdpo.core.errors import BadInput
 
 # run state that lives in save_dir but is not part of the model
 _NOT_MODEL_FILES = {"metrics.jsonl", "run_state.json", "README.md"}
@@ -116,7 +116,7 @@ def model_card(repo_id: str, config_text: Optional[str], metrics: Optional[dict]
                     "A policy trained with Direct Preference Optimization (DPO) on Anthropic HH-RLHF "
                     "using `hhdpo`" + (f", from `{base}`." if base else "."), ""]
     if summary and summary.get("files"):
-        from hhdpo.summarize import markdown
+        from hhdpo.evaluation.summarize import markdown
 
         judges = sorted({j for r in summary["files"] for j in r.get("judge_models", [])})
         lines += ["## Win rates against the HH chosen responses", "",
@@ -144,7 +144,7 @@ def logs_card(logs_repo: str, model_repo: Optional[str], summary: Optional[dict]
              "- `metrics.jsonl`: training metrics, one line per log step",
              "- `eval/`: generations, pairwise files, judged verdicts, `summary.json` (win rates, Wilson CIs)", ""]
     if summary and summary.get("files"):
-        from hhdpo.summarize import markdown
+        from hhdpo.evaluation.summarize import markdown
 
         lines += [markdown(summary), ""]
     return "\n".join(lines)
@@ -263,7 +263,7 @@ def _resolve_sources(args, cfg: Config) -> Sources:
 
 
 def cli(argv: list[str]) -> int:
-    from hhdpo.stage import StageParser, load_stage_config, run_stage
+    from hhdpo.core.stage import StageParser, load_stage_config, run_stage
 
     p = StageParser(
         "hhdpo upload", "Upload the trained model (with a generated model card) and the run's logs to the "

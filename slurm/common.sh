@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by slurm/*.sbatch and slurm/pipeline.sh (sourced, never run). The logic that needs the
-# config (run directory, completion markers, timeout vs preemption) is in hhdpo/slurm.py.
+# config (run directory, completion markers, timeout vs preemption) is in hhdpo/launch/slurm.py.
 #
 # Where a job runs hhdpo (every hhdpo and python call of the job, job-start/job-done included):
 #   bare metal (default)   the hhdpo found on PATH, in the checkout's .venv, or in HHDPO_BIN
@@ -191,7 +191,7 @@ hhdpo_find_cmds() {
 }
 
 # hhdpo_job_init REPO STAGE ARGS...: inside a job. Finds hhdpo, sets the run's paths (run_dir,
-# attempt_log) through `python -m hhdpo.slurm job-start`, which exits 2 on a bad config or stale
+# attempt_log) through `python -m hhdpo.launch.slurm job-start`, which exits 2 on a bad config or stale
 # upstream outputs before anything runs, and removes this stage's and later stages' markers.
 hhdpo_job_init() {
     local repo=$1 out rc
@@ -201,10 +201,10 @@ hhdpo_job_init() {
     export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
     run_dir="" attempt_log="" cleared=""
     if hhdpo_dry; then
-        hhdpo_show "${HHDPO_PYCMD[@]}" -m hhdpo.slurm job-start "$@"
+        hhdpo_show "${HHDPO_PYCMD[@]}" -m hhdpo.launch.slurm job-start "$@"
         out=""
     else
-        out=$("${HHDPO_PYCMD[@]}" -m hhdpo.slurm job-start "$@")
+        out=$("${HHDPO_PYCMD[@]}" -m hhdpo.launch.slurm job-start "$@")
     fi
     rc=$?
     if ((rc != 0)); then
@@ -253,5 +253,5 @@ hhdpo_run() {
 
 # hhdpo_job_done STAGE ARGS...: the stage's completion marker, with its config hash
 hhdpo_job_done() {
-    hhdpo_run "${HHDPO_PYCMD[@]}" -m hhdpo.slurm job-done "$@"
+    hhdpo_run "${HHDPO_PYCMD[@]}" -m hhdpo.launch.slurm job-done "$@"
 }

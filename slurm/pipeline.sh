@@ -25,4 +25,4 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"
 export HHDPO_REPO=${HHDPO_REPO:-$(dirname "$here")}  # the sbatch scripts beside this one
 hhdpo_find_bin "$HHDPO_REPO"
-exec "$HHDPO_PY" -m hhdpo.slurm pipeline "$@"
+exec "$HHDPO_PY" -m hhdpo.launch.slurm pipeline "$@"

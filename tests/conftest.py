@@ -30,7 +30,7 @@ def hh_file() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from hhdpo.models import resolve_model
+    from hhdpo.core.models import resolve_model
 
     return Path(resolve_model("smollm2"))
 
@@ -74,7 +74,7 @@ class SharedJudgeServer:
         self.starts = 0
 
     def get(self):
-        from hhdpo.serve import VLLMServer
+        from hhdpo.evaluation.serve import VLLMServer
 
         if self.server is None or not self.server.running():
             self.starts += 1
@@ -89,7 +89,7 @@ class SharedJudgeServer:
 
 @pytest.fixture(scope="session")
 def vllm_judge(tmp_path_factory):
-    """The shared :class:`SharedJudgeServer` (tests/test_eval_e2e.py, tests/test_judge_vllm.py)."""
+    """The shared :class:`SharedJudgeServer` (tests/evaluation/test_eval_e2e.py, tests/evaluation/test_judge_vllm.py)."""
     import vllm  # noqa: F401 - fails, never skips, where vllm is missing (`-m "not vllm"` deselects)
     shared = SharedJudgeServer(tmp_path_factory.mktemp("vllm-judge"))
     yield shared

@@ -8,10 +8,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hhdpo.core.config import JudgeConfig
+from hhdpo.evaluation.judge import JudgeSettings, judge_files
+from hhdpo.evaluation.pairwise import make_pairwise
 from tests.fake_responses_server import hh_generation_records
-from hhdpo.config import JudgeConfig
-from hhdpo.judge import JudgeSettings, judge_files
-from hhdpo.pairwise import make_pairwise
 
 _CONFIG_KEYS = {f.name for f in dataclasses.fields(JudgeConfig)}
 

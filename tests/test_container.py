@@ -222,7 +222,7 @@ def test_vllm_cpu_kernels_load_in_image(engine, cpu_image):
 def test_fast_tests_pass_in_image(engine, test_image, hh_file):
     hh = hh_file
     p = docker_run(engine, test_image, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                   "tests/test_config.py", "tests/test_loss.py", entrypoint="python", check=False,
+                   "tests/core/test_config.py", "tests/training/test_loss.py", entrypoint="python", check=False,
                    mounts=[f"{hh.parent}:/data:ro"], extra=["-e", f"HH_DATA=/data/{hh.name}"])
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     assert re.search(r"\d+ passed", p.stdout) and "skipped" not in p.stdout, p.stdout[-2000:]

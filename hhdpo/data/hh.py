@@ -1,0 +1,328 @@
+"""Anthropic HH-RLHF: load, split into prompt/responses, apply the chat template, batch.
+
+Parsing. Each HH record is two full conversations, ``chosen`` and ``rejected``, written as
+``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is the longest common prefix of the
+two that ends at a ``\\n\\nAssistant:`` turn boundary; the responses are what follows.
+A pair whose conversations diverge before their last turn (a response spanning several
+turns, human text included) is skipped and counted as ``diverges_before_last_turn``, like
+empty responses; so every response is one assistant turn.
+
+Templating. Prompt turns become chat messages and the model's chat template renders
+prompt+response once, as token ids; the response tokens are those the template emits
+after the prompt (``add_generation_prompt=True``) up to and including the end-of-turn
+token. There is no second tokenizer pass over template text, so no doubled BOS.
+
+Truncation (:func:`fit_prompt`, shared with generation). A prompt over its limit loses
+whole oldest exchanges first, so it still starts at a user turn; if the last user turn
+alone is too long, its text is cut from the left. The template renders what is kept, so
+the result is always a well-formed chat (role headers, system prompt, BOS as it does them).
+
+    hhdpo data --config configs/smollm2_cpu.yaml --show 3
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hhdpo.core.io import DataError, iter_jsonl
+
+ASSISTANT = "\n\nAssistant:"
+_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
+_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class Pair:
+    prompt: str  # raw HH prompt text, ending with "\n\nAssistant:"
+    chosen: str  # raw continuation after the prompt (leading space stripped)
+    rejected: str
+    prompt_messages: list[dict] = field(default_factory=list)
+    chosen_messages: list[dict] = field(default_factory=list)
+    rejected_messages: list[dict] = field(default_factory=list)
+
+
+def hh_to_messages(text: str) -> list[dict] | None:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> chat messages; None if not HH-shaped."""
+    parts = _TURN_RE.split(text)
+    if parts[0].strip():  # text before the first turn marker
+        return None
+    msgs = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        msgs.append({"role": _ROLE[role], "content": content.strip()})
+    return msgs or None
+
+
+def _continuation_messages(text: str) -> list[dict] | None:
+    """Messages of a response that starts mid-assistant-turn (after the prompt)."""
+    return hh_to_messages("\n\nAssistant:" + text)
+
+
+def split_pair(chosen: str, rejected: str) -> Pair | str:
+    """Split an HH pair at its common prompt. Returns a Pair, or a skip reason string."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(ASSISTANT, 0, n)
+    if cut < 0:
+        return "no_common_assistant_turn"
+    end = cut + len(ASSISTANT)
+    prompt, c, r = chosen[:end], chosen[end:], rejected[end:]
+    if not c.strip() or not r.strip():
+        return "empty_response"
+    if c.strip() == r.strip():
+        return "identical_responses"
+    pm, cm, rm = hh_to_messages(prompt + " x"), _continuation_messages(c), _continuation_messages(r)
+    if pm is None or cm is None or rm is None or pm[0]["role"] != "user":
+        return "unparseable"
+    pm = pm[:-1]  # drop the placeholder assistant turn
+    if len(cm) > 1 or len(rm) > 1:  # the later turns would be trained as the model's own words
+        return "diverges_before_last_turn"
+    if any(not m["content"] for m in pm) or not cm[0]["content"] or not rm[0]["content"]:
+        return "empty_turn"
+    return Pair(prompt, c.lstrip(" "), r.lstrip(" "), pm, cm, rm)
+
+
+def seed_split(text: str) -> tuple[str, str]:
+    """The seed's split: at the text's own last ``\\n\\nAssistant:`` (kept for comparison)."""
+    i = text.rfind(ASSISTANT) + len(ASSISTANT)
+    return text[:i], text[i:]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_SLICE_RE = re.compile(r"^(?P<name>[A-Za-z_]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def slice_split(rows: list, split: str) -> list:
+    """Apply a datasets-style slice (``train[:10%]``, ``test[100:200]``) to a list."""
+    m = _SLICE_RE.match(split)
+    if m is None:
+        raise DataError(f"split {split!r}: expected NAME or NAME[start:stop] (percent allowed)")
+
+    def pos(v):
+        if v is None:
+            return None
+        if v.endswith("%"):
+            return round(len(rows) * int(v[:-1]) / 100)
+        return int(v)
+
+    return rows[pos(m["start"]) : pos(m["stop"])]
+
+
+def is_local(source: str) -> bool:
+    return source.endswith((".jsonl", ".jsonl.gz", ".json")) or Path(source).exists()
+
+
+def load_raw(source: str, split: str, data_dirs: list[str] | None = None) -> list[tuple[str, dict]]:
+    """Rows as (origin, record) where origin is "file:line" or "hub/subset/split:i"."""
+    if is_local(source):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"{source}: data file not found")
+        files = sorted(path.glob("*.jsonl*")) if path.is_dir() else [path]
+        rows = [(f"{f}:{ln}", rec) for f in files for ln, rec in iter_jsonl(f)]
+        return slice_split(rows, split)
+    import datasets
+
+    rows = []
+    for d in data_dirs or [None]:
+        try:
+            ds = datasets.load_dataset(source, data_dir=d, split=split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; surface the source
+            raise DataError(f"dataset {source!r} (data_dir={d}, split={split}): {e}") from None
+        rows += [(f"{source}/{d or 'all'}/{split}:{i}", rec) for i, rec in enumerate(ds)]
+    return rows
+
+
+def load_pairs(source: str, split: str, data_dirs: list[str] | None = None, log=print) -> tuple[list[Pair], Counter]:
+    """Load and parse HH pairs; skipped pairs are counted by reason and reported."""
+    pairs, skipped = [], Counter()
+    for origin, rec in load_raw(source, split, data_dirs):
+        if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
+            raise DataError(f"{origin}: expected string fields 'chosen' and 'rejected', got keys {sorted(rec)}")
+        out = split_pair(rec["chosen"], rec["rejected"])
+        if isinstance(out, str):
+            skipped[out] += 1
+        else:
+            pairs.append(out)
+    if log:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+        log(f"[data] {source} {split}: {len(pairs)} pairs parsed, {sum(skipped.values())} skipped ({detail})")
+    if not pairs:
+        raise DataError(f"{source} {split}: no usable HH pairs")
+    return pairs, skipped
+
+
+def train_val_split(n: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_ratio))
+    return perm[n_val:], perm[:n_val]
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def _ids(out) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _trim_after_eot(ids: list[int], tokenizer) -> list[int]:
+    """Drop template whitespace after the final end-of-turn token (ChatML adds a newline)."""
+    while ids and tokenizer.decode(ids[-1:]).strip() == "" and ids[-1] != tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def prompt_ids(pair_or_messages, tokenizer, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt, ready for the assistant's reply (generation uses this too)."""
+    if isinstance(pair_or_messages, Pair):
+        msgs, raw = pair_or_messages.prompt_messages, pair_or_messages.prompt
+    else:
+        msgs, raw = pair_or_messages, None
+    if use_chat_template:
+        return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    if raw is None:
+        raw = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs) + ASSISTANT
+    return tokenizer(raw, add_special_tokens=True)["input_ids"]
+
+
+def response_ids(pair: Pair, which: str, tokenizer, p_ids: list[int], use_chat_template: bool = True,
+                 prompt_messages: list[dict] | None = None) -> list[int]:
+    """Token ids the model is trained on for ``which`` in {chosen, rejected}, after the prompt
+    ``prompt_messages`` (default: the pair's whole prompt) rendered as ``p_ids``."""
+    if not use_chat_template:
+        text = " " + getattr(pair, which)
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    msgs = (pair.prompt_messages if prompt_messages is None else prompt_messages) + getattr(pair, f"{which}_messages")
+    full = _ids(tokenizer.apply_chat_template(msgs, tokenize=True))
+    if full[: len(p_ids)] != p_ids:
+        raise DataError("chat template does not render the prompt as a prefix of prompt+response")
+    return _trim_after_eot(full[len(p_ids):], tokenizer)
+
+
+def prompt_limit(prompt_len: int, longest_response: int, max_len: int, max_prompt_len: int) -> int:
+    """Most prompt tokens a pair keeps: all that leave room for its longer response within
+    max_len, but never fewer than max_prompt_len (responses are cut from the right instead)."""
+    return min(prompt_len, max(max_len - longest_response, max_prompt_len))
+
+
+def fit_prompt(pair_or_messages, tokenizer, limit: int, use_chat_template: bool = True) -> tuple[list[dict], list[int]]:
+    """The prompt's kept messages and their token ids, at most ``limit`` tokens.
+
+    Whole oldest exchanges go first, so the kept chat starts at a user turn (templates such
+    as Mistral's or Gemma's reject a chat that starts with the assistant); a leading system
+    message stays. If the last user turn alone is still too long, its text is cut from the
+    left. Raises DataError when even one token of user text cannot fit around the template.
+    """
+    msgs = pair_or_messages.prompt_messages if isinstance(pair_or_messages, Pair) else pair_or_messages
+    ids = prompt_ids(pair_or_messages, tokenizer, use_chat_template)
+    if len(ids) <= limit:
+        return msgs, ids
+    head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    starts = [i for i in range(len(head) + 1, len(msgs)) if msgs[i]["role"] == "user"]
+    for i in starts:  # oldest first: the first suffix that fits is the longest
+        kept = head + msgs[i:]
+        ids = prompt_ids(kept, tokenizer, use_chat_template)
+        if len(ids) <= limit:
+            return kept, ids
+    first = starts[-1] if starts else len(head)
+    return _cut_left(head, msgs[first], msgs[first + 1:], tokenizer, limit, use_chat_template)
+
+
+def _cut_left(head: list[dict], oldest: dict, rest: list[dict], tokenizer, limit: int,
+              use_chat_template: bool) -> tuple[list[dict], list[int]]:
+    """Keep the end of ``oldest``'s text: as many of its tokens as fit with the rest."""
+    def render(content: str) -> tuple[list[dict], list[int]]:
+        kept = head + [{**oldest, "content": content}] + rest
+        return kept, prompt_ids(kept, tokenizer, use_chat_template)
+
+    frame = len(render("")[1])
+    text_ids = tokenizer(oldest["content"], add_special_tokens=False)["input_ids"]
+    budget = limit - frame
+    while budget >= 1:
+        # a cut token may split a UTF-8 character; drop its replacement char and leading blanks
+        content = tokenizer.decode(text_ids[-budget:]).lstrip("\ufffd").lstrip()
+        kept, ids = render(content)
+        if len(ids) <= limit:
+            return kept, ids
+        budget -= len(ids) - limit  # re-tokenized in context, the text can merge differently
+    raise DataError(f"a prompt limit of {limit} tokens leaves no room for the user's text: the chat template "
+                    f"around the last turn alone takes {frame} tokens; raise the maximum prompt length")
+
+
+def tokenize_pair(pair: Pair, tokenizer, max_len: int, max_prompt_len: int | None = None, use_chat_template: bool = True) -> dict:
+    """Prompt and response ids within max_len: the prompt fitted by :func:`fit_prompt` to
+    :func:`prompt_limit`, then both responses cut from the right to what is left."""
+    p = prompt_ids(pair, tokenizer, use_chat_template)
+    c = response_ids(pair, "chosen", tokenizer, p, use_chat_template)
+    r = response_ids(pair, "rejected", tokenizer, p, use_chat_template)
+    limit = prompt_limit(len(p), max(len(c), len(r)), max_len, max_prompt_len or max_len // 2)
+    if len(p) > limit:
+        msgs, p = fit_prompt(pair, tokenizer, limit, use_chat_template)
+        c = response_ids(pair, "chosen", tokenizer, p, use_chat_template, msgs)
+        r = response_ids(pair, "rejected", tokenizer, p, use_chat_template, msgs)
+    budget = max_len - len(p)
+    return {"prompt_ids": p, "chosen_ids": c[:budget], "rejected_ids": r[:budget]}
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, cfg_dataset, progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    it = tqdm(pairs, desc="tokenize", disable=not progress, leave=False)
+    return [tokenize_pair(p, tokenizer, cfg_dataset.max_len, cfg_dataset.max_prompt_len, cfg_dataset.use_chat_template) for p in it]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def show(cfg, n: int, out=sys.stdout) -> int:
+    from hhdpo.core.models import load_tokenizer
+
+    ds = cfg.dataset
+    pairs, skipped = load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
+    tok = load_tokenizer(cfg.policy_model, cfg.trust_remote_code)
+    for i, pair in enumerate(pairs[:n]):
+        ex = tokenize_pair(pair, tok, ds.max_len, ds.max_prompt_len, ds.use_chat_template)
+        print(f"=== pair {i} " + "=" * 60, file=out)
+        whole = len(prompt_ids(pair, tok, ds.use_chat_template))
+        cut = f" of {whole} (oldest turns dropped or cut to fit)" if whole > len(ex["prompt_ids"]) else ""
+        print(f"prompt messages: {len(pair.prompt_messages)}  prompt tokens: {len(ex['prompt_ids'])}{cut}", file=out)
+        print(f"--- rendered prompt ---\n{tok.decode(ex['prompt_ids'])}", file=out)
+        for which in ("chosen", "rejected"):
+            ids = ex[f"{which}_ids"]
+            print(f"--- {which}: {len(ids)} trained tokens ---\n{tok.decode(ids)}", file=out)
+            print(f"    tokens: {tok.convert_ids_to_tokens(ids[:8])} ... {tok.convert_ids_to_tokens(ids[-3:])}", file=out)
+    total = len(pairs) + sum(skipped.values())
+    detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+    print(f"\n{ds.dataset_name} {ds.subset}: {total} records, {len(pairs)} parsed, {sum(skipped.values())} skipped "
+          f"({detail})", file=out)
+    if skipped["diverges_before_last_turn"]:
+        print(f"diverges_before_last_turn: {skipped['diverges_before_last_turn']} pairs whose conversations differ "
+              "before their last assistant turn (a response would span several turns); not trained on", file=out)
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from hhdpo.core.stage import StageParser, load_stage_config, run_stage
+
+    ap = StageParser("hhdpo data", __doc__, config_required=False,
+                     config_help="YAML config (dataset and policy_model sections are used)")
+    ap.flag("show", type=int, default=3, metavar="N", help="print how the first N pairs render")
+    args = ap.parse(argv)
+    return run_stage("hhdpo data", lambda: show(load_stage_config(args), args.show))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,89 @@
+"""Process-group plumbing: join torchrun/srun, or become torchrun.
+
+How a process joins an existing group (torchrun, srun) is :mod:`hhdpo.core.distenv`.
+Without one, ``hhdpo train`` re-executes itself under ``torch.distributed.run`` with
+``--nproc-per-node`` workers, forwarding SIGTERM/SIGUSR2 (torchrun passes them on to every
+worker and waits for the checkpoint) and returns the trainer's own exit status (torchrun
+collapses it to 1, so the status the workers wrote to ``run_state.json`` decides: 0, 2 or 42).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hhdpo.core.distenv import STATE_REPORTED_BY_LAUNCHER, held_signal
+from hhdpo.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
+
+
+def torchrun_options() -> set[str]:
+    """The options this torch's torchrun accepts (``--signals-to-handle`` and
+    ``--shutdown-timeout`` are recent: torch 2.11's has the first, not the second)."""
+    from torch.distributed.run import get_args_parser
+
+    return {o for a in get_args_parser()._actions for o in a.option_strings}
+
+
+def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Path | None,
+                       shutdown_timeout: int = 900) -> int:
+    """Run ``python -m module argv`` as ``nproc`` torchrun workers on this node."""
+    # torchrun forwards only SIGTERM/INT/HUP/QUIT by default, and SIGKILLs workers 30 s after one:
+    # let SIGUSR2 through too, and give the workers time to finish a step and save a checkpoint
+    opts = torchrun_options()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    usr2_as = signal.SIGUSR2
+    if "--signals-to-handle" in opts:
+        cmd.append(f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}")
+    else:  # an older torchrun would die on SIGUSR2: hand it SIGTERM, which the trainer treats the same way
+        usr2_as = signal.SIGTERM
+    if "--shutdown-timeout" in opts:
+        cmd.append(f"--shutdown-timeout={shutdown_timeout}")
+    else:
+        print("hhdpo train: this torch's torchrun has no --shutdown-timeout: after a stop signal the workers get "
+              "30 s to save their checkpoint before torchrun kills them", file=sys.stderr, flush=True)
+    cmd += ["-m", module, *argv]
+    if held_signal():  # stopped before any worker started: nothing to save, the run resumes as it is
+        print(f"hhdpo train: {signal.Signals(held_signal()).name} before the workers started; exiting "
+              f"{EXIT_PREEMPTED} (requeue to run)", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+               **{STATE_REPORTED_BY_LAUNCHER: "1"})
+    started = time.time()
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        proc.send_signal(usr2_as if signum == signal.SIGUSR2 else signum)
+
+    old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    # trust only a state written by this launch, not a stale one from an earlier run
+    if state_file is not None and state_file.is_file() and state_file.stat().st_mtime >= started:
+        status = json.loads(state_file.read_text()).get("status")
+        return {"preempted": EXIT_PREEMPTED, "completed": EXIT_OK, "bad_input": EXIT_BAD_INPUT}.get(status, rc)
+    return rc
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without option ``--name`` (both spellings, ``--x v`` and ``--x=v``): what the
+    launcher handles itself is not passed on to the workers."""
+    forms = {f"--{name}", f"--{name.replace('_', '-')}"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in forms:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in forms)):
+            out.append(a)
+    return out

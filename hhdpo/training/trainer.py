@@ -1,0 +1,342 @@
+"""The DPO trainer (FSDP2): :class:`DPOTrainer` and :func:`run`; ``hhdpo train`` is :mod:`hhdpo.train`."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hhdpo.core.config import Config, ConfigError, redact, run_paths, save_config
+from hhdpo.core.distenv import STATE_REPORTED_BY_LAUNCHER, held_signal
+from hhdpo.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
+from hhdpo.core.io import DataError, atomic_write_json
+from hhdpo.core.models import cache_dir, load_tokenizer, resolve_model
+from hhdpo.data.batching import rank_batches
+from hhdpo.data.hh import load_pairs, tokenize_pairs, train_val_split
+from hhdpo.training.checkpoint import find_resume_checkpoint
+from hhdpo.training.forward import pair_batch, response_logps
+from hhdpo.training.loss import implicit_margins, preference_loss
+from hhdpo.training.metrics import (
+    PAIR_SUMS,
+    MetricsLogger,
+    add_step,
+    eval_record,
+    pair_sums,
+    train_record,
+    truncate_after_step,
+)
+from hhdpo.training.optim import make_optimizer, optimizer_step
+from hhdpo.training.ref_logps import cache_file, cached_or_computed, compute_all, ref_cache_key
+from hhdpo.training.runtime import build_model, resolve_runtime
+from hhdpo.training.tail import TailTest
+from hhdpo.training.train_state import TrainStateMixin
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp)
+
+
+class DPOTrainer(TrainStateMixin):
+    """Full-parameter DPO with FSDP2 on one process, several ranks, or several nodes.
+
+    Features:
+      - FSDP2 ``fully_shard`` per decoder layer (found from ``_no_split_modules`` or
+        ``dpo_training.fsdp_layer_cls``) then the root; gloo on CPU, nccl on GPU. With one
+        process in fp32 there is nothing to shard: the model runs unwrapped, unless
+        ``dpo_training.fsdp: true`` (the multi-GPU code path on one device). bf16 always runs
+        through FSDP2's mixed precision, so the policy and the reference compute alike.
+      - LM head (vocabulary projection) only at positions that predict a response token, and
+        each micro-batch's chosen+rejected rows forwarded in length-sorted groups, each padded
+        only to its own longest row, split to minimise padded tokens plus a per-forward cost
+        (``group_by_length``; on by default for one unwrapped process on CPU).
+      - Frozen reference model sharded the same way, or reference log-probs precomputed
+        once and cached on disk (``precompute_ref_log_probs``; keyed on the token ids, the
+        reference weights, dtype and averaging; rank 0 decides a cache hit; ``hhdpo.training.ref_logps``).
+      - Precision: fp32 on CPU; bf16 compute with fp32 master weights, gradients
+        reduced in fp32 and fp32 (fused) AdamW state on GPU (``MixedPrecisionPolicy``).
+      - Losses: sigmoid/cDPO, robust, hinge, IPO, reference-free (``hhdpo.training.loss``); summed or
+        length-averaged log-probs (averaged by default for IPO).
+      - Gradient accumulation (gradient sync only on the last micro-batch), clipping,
+        linear warmup then constant/linear/cosine decay, activation checkpointing.
+      - Tail test on all-gathered margins with optional adaptive beta (``hhdpo.training.tail``).
+      - Metrics (names in ``hhdpo.training.metrics``) to ``metrics.jsonl``, W&B (rank 0) and a tqdm bar;
+        validation every ``eval_steps`` and at the end (skipped, said once, when the
+        validation split is smaller than one batch across ranks).
+      - DCP sharded checkpoints every ``save_steps`` holding model, optimizer, scheduler,
+        data position, RNG, tail-test state and beta (``hhdpo.training.checkpoint``); ``resume: auto``
+        picks the newest complete one; resuming an older one explicitly sets the later ones
+        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step (or validation batch),
+        save and exit 42, also when they come during start-up (``hhdpo.training.train_state``).
+      - Final Hugging Face directory (safetensors, config, tokenizer, chat template, the base
+        model's generation config) gathered from the shards, loadable by ``from_pretrained``
+        and vLLM; weight files of an earlier export are replaced, not left beside it.
+      - Bad input found inside a worker (too few pairs, ...): run_state.json says
+        ``bad_input`` and the process exits 2 without a traceback.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.dpo_training
+        self.device, backend, self.dtype = resolve_runtime(cfg)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        # bf16 goes through FSDP2's mixed precision even on one process: it casts the policy's fp32 master
+        # weights to bf16 as the reference is stored, so both compute alike (under autocast the policy kept an
+        # fp32 residual stream and its step-1 loss was not ln 2: 0.682 on an 8B-shaped model, H100)
+        needs_fsdp = self.world > 1 or self.dtype != torch.float32
+        self.sharded = needs_fsdp if t.fsdp is None else t.fsdp
+        if needs_fsdp and not self.sharded:
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise ConfigError(f"dpo_training.fsdp: false needs one process in float32; this run has {self.world} "
+                              f"rank(s) in {dtype} (ranks train shards; bf16 is FSDP2's mixed precision)")
+        self.paths = run_paths(cfg)
+        self._seed_everything(t.seed)
+        self._stop_signal = held_signal()  # one that came during start-up stops the run at the first step
+        for s in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(s, self._on_signal)
+
+        resume_from = find_resume_checkpoint(cfg)
+        self._log(f"[train] attempt={os.environ.get('SLURM_RESTART_COUNT', '0')} world={self.world} device={self.device} "
+                  f"backend={backend} dtype={self.dtype} fsdp={'yes' if self.sharded else 'no'} "
+                  f"resume={'from ' + str(resume_from) if resume_from else 'no'}")
+
+        # data: every rank parses and tokenizes (cheap); indices decide who trains on what
+        self.tokenizer = load_tokenizer(cfg.policy_model, cfg.trust_remote_code)
+        ds = cfg.dataset
+        pairs, _ = load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=self._log)
+        self.examples = tokenize_pairs(pairs, self.tokenizer, ds, progress=self.is_main)
+        self.train_idx, self.val_idx = train_val_split(len(pairs), ds.val_ratio, ds.seed)
+        per_rank = len(self.train_idx) // self.world // t.batch_size
+        self.steps_per_epoch = per_rank // t.gradient_accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{len(self.train_idx)} training pairs are too few for {self.world} ranks x batch_size "
+                            f"{t.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps}")
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        # validation runs whole batches on every rank; fewer pairs than that cannot make one
+        self.validates = len(self.val_idx) >= self.world * t.batch_size
+        if not self.validates:
+            self._log(f"[train] no validation: the validation split has {len(self.val_idx)} pair(s) (dataset.val_ratio="
+                      f"{ds.val_ratio}), fewer than one batch across ranks ({self.world} x batch_size {t.batch_size})")
+        # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks); on a
+        # GPU many small forwards cost more than padding (4x fewer tokens/s on an 8B-shaped model, H100)
+        self.group_by_length = (t.group_by_length if t.group_by_length is not None
+                                else not self.sharded and self.device.type == "cpu")
+
+        # models
+        self.policy, self.hf_config, self.arch = self._build_model(cfg.policy_model, trainable=True)
+        self.ref_logps = None
+        self.ref = None
+        if not t.reference_free:
+            if t.precompute_ref_log_probs:
+                self.ref_logps = self._precomputed_ref_logps()
+            else:
+                self.ref, _, _ = self._build_model(cfg.ref_model_path, trainable=False)
+        self.opt, self.sched = make_optimizer(self.policy, t, self.total_steps)
+
+        tail_warmup = cfg.tail_test.warmup_steps if cfg.tail_test.warmup_steps is not None else t.warmup_steps
+        self.tail = TailTest(cfg.tail_test, tail_warmup, t.dpo_beta, self.paths.tail if self.is_main else None)
+        self.beta = t.dpo_beta
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
+        self.window: dict[str, float] = {}
+        self.last_saved_step = -1
+        if resume_from is not None:
+            self._resume(resume_from)
+        if self.is_main:
+            save_config(cfg, self.paths.save, previous_tag=f"before_step_{self.step:07d}", log=self._log)
+            for name in ("global_margins_log.jsonl", "global_tail_test_and_beta_log.jsonl"):
+                truncate_after_step(self.paths.tail / name, self.step)
+        self.logger = MetricsLogger(self.paths.metrics, cfg, self.is_main, resume_step=self.step)
+
+    # ------------------------------------------------------------------ setup
+
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def _build_model(self, spec: str, trainable: bool):
+        return build_model(self.cfg, spec, trainable, self.device, self.dtype, self.world, self.sharded)
+
+    # ------------------------------------------------------------------ forward
+
+    def _batch(self, idxs: list[int]) -> dict:
+        return pair_batch([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length, self.device)
+
+    def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_logps(model, batch, self.cfg.dpo_training.average_log_prob)
+
+    def _ref(self, idxs: list[int], batch: dict):
+        if self.cfg.dpo_training.reference_free:
+            z = torch.zeros(len(idxs), device=self.device)
+            return z, z
+        if self.ref_logps is not None:
+            t = torch.as_tensor(idxs)
+            return self.ref_logps[0][t].to(self.device), self.ref_logps[1][t].to(self.device)
+        with torch.no_grad():
+            return self._logps(self.ref, batch)
+
+    def _precomputed_ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of every pair, computed once and cached on disk (``hhdpo.training.ref_logps``)."""
+        t = self.cfg.dpo_training
+        key = ref_cache_key(self.examples, resolve_model(self.cfg.ref_model_path), self.dtype, t.average_log_prob)
+
+        def compute():
+            ref, _, _ = self._build_model(self.cfg.ref_model_path, trainable=False)
+            out = compute_all(len(self.examples), t.batch_size, lambda idxs: self._logps(ref, self._batch(idxs)),
+                              self.device, progress=self.is_main)
+            del ref
+            gc.collect()  # FSDP wrappers hold reference cycles; free the model's memory now
+            return out
+
+        return cached_or_computed(cache_file(cache_dir(), key), len(self.examples), compute, self.device, self._log)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, group: list[list[int]]) -> tuple[dict, np.ndarray]:
+        """One optimizer step over ``group`` micro-batches; returns summed stats and local margins."""
+        t = self.cfg.dpo_training
+        ga = len(group)
+        sums = torch.zeros(len(PAIR_SUMS) + 2, device=self.device, dtype=torch.float64)  # + pairs, tokens
+        margins = []
+        for i, idxs in enumerate(group):
+            batch = self._batch(idxs)
+            if self.sharded:
+                self.policy.set_requires_gradient_sync(i == ga - 1)
+            pc, pr = self._logps(self.policy, batch)
+            rc, rr = self._ref(idxs, batch)
+            losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
+            (losses.mean() / ga).backward()
+            margins.append(implicit_margins(pc, pr, rc, rr).float())
+            sums += torch.cat([pair_sums(losses, cr, rj, pc, pr),
+                               torch.stack([torch.tensor(float(len(idxs)), device=self.device), batch["tokens"]]).double()])
+        grad_norm, lr = optimizer_step(self.policy, self.opt, self.sched, t.max_grad_norm)
+        dist.all_reduce(sums)
+        local = torch.cat(margins)
+        gathered = torch.zeros(self.world * local.numel(), device=self.device, dtype=local.dtype)
+        _all_gather(gathered, local)
+        *s, n, tokens = sums.tolist()
+        stats = {**dict(zip(PAIR_SUMS, s)), "n": n, "tokens": tokens, "grad_norm": grad_norm, "lr": lr}
+        return stats, gathered.cpu().numpy()
+
+    def _epoch_progress(self) -> float:
+        return self.epoch + self.batch_in_epoch / max(1, self.steps_per_epoch * self.cfg.dpo_training.gradient_accumulation_steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation record (keys ``hhdpo.training.metrics.EVAL_KEYS``); only when ``self.validates``."""
+        t = self.cfg.dpo_training
+        self.policy.eval()
+        sums = torch.zeros(len(PAIR_SUMS) + 1, device=self.device, dtype=torch.float64)  # + pairs
+        for local in rank_batches(len(self.val_idx), t.batch_size, self.rank, self.world, 0, self.cfg.dataset.seed):
+            idxs = [int(self.val_idx[i]) for i in local]
+            batch = self._batch(idxs)
+            pc, pr = self._logps(self.policy, batch)
+            rc, rr = self._ref(idxs, batch)
+            losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
+            sums += torch.cat([pair_sums(losses, cr, rj, pc, pr), torch.tensor([float(len(idxs))], device=self.device).double()])
+            self._check_preemption()  # a long validation must not outlast the signal lead; every rank has as many batches
+        self.policy.train()
+        dist.all_reduce(sums)
+        *s, n = sums.tolist()
+        return eval_record(s, n, self.step)
+
+    def train(self) -> int:
+        """Run to ``total_steps``; returns the process exit status (0 or EXIT_PREEMPTED)."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.dpo_training
+        ga = t.gradient_accumulation_steps
+        self._write_state("running")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="dpo", disable=not self.is_main, dynamic_ncols=True)
+        try:
+            while self.step < self.total_steps:
+                batches = rank_batches(len(self.train_idx), t.batch_size, self.rank, self.world, self.epoch, self.cfg.dataset.seed)
+                usable = len(batches) // ga * ga
+                while self.batch_in_epoch < usable and self.step < self.total_steps:
+                    group = [[int(self.train_idx[i]) for i in b] for b in batches[self.batch_in_epoch:self.batch_in_epoch + ga]]
+                    t0 = time.perf_counter()
+                    stats, margins = self.train_step(group)
+                    self.step += 1
+                    self.batch_in_epoch += ga
+                    add_step(self.window, stats, time.perf_counter() - t0)
+                    if self.cfg.tail_test.enabled:
+                        self.tail.update(margins, self.step, self.epoch)
+                        self.beta = self.tail.beta
+                    bar.update(1)
+                    if self.step % t.log_steps == 0 or self.step == self.total_steps:
+                        rec = train_record(self.window, self.step, self._epoch_progress(), self.beta)
+                        self.window = {}
+                        self.logger.log(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}", tps=f"{rec['tokens/s']:.0f}")
+                    if self.validates and t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
+                        self.logger.log(self.evaluate())
+                    if self.cfg.checkpoint.save_steps and self.step % self.cfg.checkpoint.save_steps == 0:
+                        self.save_checkpoint()
+                    self._check_preemption()
+                if self.batch_in_epoch >= usable:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            bar.close()
+            if self.validates:
+                ev = self.evaluate()
+                self.logger.log(ev)
+                self._log("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float)))
+            if self.last_saved_step != self.step:
+                self.save_checkpoint()
+            self.export_hf()
+            self._write_state("completed")
+            return 0
+        except Preempted:
+            bar.close()
+            self._write_state("preempted")
+            self._log(f"[train] preempted at step {self.step}: checkpoint saved, exiting {EXIT_PREEMPTED} for requeue")
+            return EXIT_PREEMPTED
+        finally:
+            self.logger.close()
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def run(cfg: Config) -> int:
+    """Worker entry point (inside a process group).
+
+    Bad input found only here (too few pairs for the batch, a chat template that cannot
+    render a pair) exits 2 like the launcher's own checks: rank 0 records it in
+    run_state.json (status ``bad_input``, which the launcher maps to exit 2) and says it once.
+    """
+    try:
+        rc = DPOTrainer(cfg).train()
+        # under hhdpo's own torchrun the launcher reports the recorded "preempted" state as 42
+        return EXIT_OK if rc == EXIT_PREEMPTED and os.environ.get(STATE_REPORTED_BY_LAUNCHER) else rc
+    except BadInput as e:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        if rank == 0:
+            msg = redact(str(e))
+            atomic_write_json(run_paths(cfg).state, {"status": "bad_input", "message": msg})
+            print(f"hhdpo train: error: {msg}", file=sys.stderr, flush=True)
+        # under hhdpo's own torchrun the launcher reports the recorded state as exit 2; a failed
+        # worker would make torchrun print its ChildFailedError traceback over the message
+        return EXIT_OK if os.environ.get(STATE_REPORTED_BY_LAUNCHER) else EXIT_BAD_INPUT
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,178 @@
+"""Launch plumbing: SLURM environment adoption, and SIGUSR2 through the self-launched torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hhdpo.core.config import ConfigError
+from hhdpo.launch import torchrun as launch
+from tests.conftest import REPO
+
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    saved = dict(os.environ)  # adopt_slurm_env writes os.environ itself
+    for k in list(os.environ):
+        if k.startswith("SLURM_") or k in DIST_KEYS:
+            monkeypatch.delenv(k)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_batch_script_environment_is_not_adopted(clean_env):
+    """`sbatch -N 2 --wrap "hhdpo train ..."`: the batch shell has SLURM_PROCID=0, SLURM_NTASKS=2 but no step."""
+    for k, v in {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]"}.items():
+        clean_env.setenv(k, v)
+    assert launch.adopt_slurm_env() is False
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def test_srun_step_environment_is_adopted(clean_env):
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "12345",
+           "SLURM_STEP_NODELIST": "n[1-2]", "MASTER_ADDR": "n1"}
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    assert launch.adopt_slurm_env() is True
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == \
+        ("3", "4", "1", "2")
+    assert os.environ["MASTER_PORT"] == str(20000 + 12345 % 12000)
+
+
+def test_missing_scontrol_is_a_clear_error(clean_env):
+    for k, v in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]",
+                 "PATH": "/nonexistent"}.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ConfigError, match="scontrol show hostnames.*MASTER_ADDR"):
+        launch.adopt_slurm_env()
+
+
+def test_tasks_per_node_and_port_range():
+    assert launch.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert launch.expand_tasks_per_node("8") == [8]
+    ports = {launch.rendezvous_port(j) for j in range(0, 100_000, 7)}
+    assert min(ports) >= 20000 and max(ports) < 32768  # below the ephemeral range
+
+
+def _procs_with(needle: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+# a torchrun without --signals-to-handle / --shutdown-timeout (torch 2.11 has only the first; the
+# GPU machines' images carry 2.11): the launcher must still get USR2 to the workers
+OLD_TORCHRUN = "import sys, hhdpo.launch.torchrun as l, hhdpo.cli as c; l.torchrun_options = lambda: set(); c.main()"
+
+
+@pytest.mark.parametrize("torchrun", ["current", "without_signal_options"])
+def test_sigusr2_on_self_launched_torchrun_checkpoints_and_exits_42(tmp_path, hh_file, tiny_llama_dir, torchrun):
+    """torchrun forwards only SIGTERM/INT/HUP/QUIT by default: USR2 must reach both workers, which save
+    one checkpoint together; the launcher exits 42 and leaves no worker behind. An older torchrun,
+    which cannot forward USR2, is handed SIGTERM instead."""
+    save = tmp_path / "run"
+    entry = ["-m", "hhdpo"] if torchrun == "current" else ["-c", OLD_TORCHRUN]
+    cmd = [sys.executable, *entry, "train", "--config", "configs/smollm2_cpu.yaml", "--nproc-per-node", "2",
+           f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", f"dataset.dataset_name={hh_file}",
+           "dataset.subset=train[:400]", "dataset.val_ratio=0", "dataset.max_len=64", "dataset.max_prompt_len=40",
+           "dpo_training.batch_size=1", "dpo_training.max_steps=200", "dpo_training.log_steps=1",
+           f"dpo_training.save_dir={save}", "checkpoint.save_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 42, out[-3000:]
+    assert ("has no --shutdown-timeout" in out) == (torchrun != "current"), out[-3000:]
+    state = json.loads((save / "run_state.json").read_text())
+    assert state["status"] == "preempted" and 2 <= state["step"] < 200
+    ckpts = sorted((save / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == [f"step_{state['step']:07d}"] and (ckpts[0] / "meta.json").is_file()
+    time.sleep(1)
+    assert _procs_with(str(save)) == [], "workers outlived the launcher"
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    try:
+        line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigCgt:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+
+
+def test_stop_signal_during_start_up_is_held_until_the_first_step(tmp_path, hh_file, tiny_llama_dir):
+    """An srun rank (rank and world from the step) sent USR2 before torch is even loaded: it must not
+    die of the signal but train to its first step, checkpoint and exit 42, so the job requeues."""
+    save = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(launch.rendezvous_port(os.getpid())))
+    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", "configs/smollm2_cpu.yaml",
+           f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", f"dataset.dataset_name={hh_file}",
+           "dataset.subset=train[:64]", "dataset.val_ratio=0", "dataset.max_len=64", "dataset.max_prompt_len=40",
+           "dpo_training.batch_size=1", "dpo_training.max_steps=50", f"dpo_training.save_dir={save}",
+           "checkpoint.save_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 60
+    while not _catches(proc.pid, signal.SIGUSR2):
+        assert proc.poll() is None and time.time() < deadline, "no SIGUSR2 handler"
+        time.sleep(0.005)
+    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still starting up
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 42, out[-3000:]
+    state = json.loads((save / "run_state.json").read_text())
+    assert state["status"] == "preempted" and state["step"] == 1, state
+    assert (save / "checkpoints" / "step_0000001" / "meta.json").is_file()
+
+
+def test_stop_signal_during_final_validation_checkpoints_and_a_rerun_completes(tmp_path, hh_file, tiny_llama_dir):
+    """USR2 while the last step's validation runs: exit 42 with the step saved and no export (it
+    used to be ignored until validation and export ended, past a time limit's signal lead); the
+    same command then resumes at the last step, validates and exports."""
+    save = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(launch.rendezvous_port(os.getpid() + 1)))
+    cmd = [sys.executable, "-m", "hhdpo", "train", "--config", "configs/smollm2_cpu.yaml",
+           f"policy_model={tiny_llama_dir}", f"ref_model={tiny_llama_dir}", f"dataset.dataset_name={hh_file}",
+           "dataset.subset=train[:400]", "dataset.val_ratio=0.75", "dataset.max_len=64", "dataset.max_prompt_len=40",
+           "dpo_training.batch_size=1", "dpo_training.max_steps=2", "dpo_training.log_steps=1",
+           f"dpo_training.save_dir={save}", "checkpoint.save_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and '"step": 2' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.05)
+    time.sleep(1)  # into the 300 validation batches (several seconds even on a quiet machine)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 42, out[-3000:]
+    assert json.loads((save / "run_state.json").read_text()) == {"status": "preempted", "step": 2, "total_steps": 2}
+    assert (save / "checkpoints" / "step_0000002" / "meta.json").is_file() and not (save / "model.safetensors").exists()
+    assert not any("eval/loss" in r for r in map(json.loads, metrics.read_text().splitlines()))
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout and (save / "model.safetensors").is_file()
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "eval/loss" in r] == [2]
