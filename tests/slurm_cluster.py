@@ -153,11 +153,13 @@ def _read_started_by(d: Path) -> str:
 def start_cluster(d: Path | str | None = None, timeout: float = 300) -> SlurmCluster:
     """Start (or join) the cluster in ``d`` and hold a shared lock on it; see :func:`release_cluster`."""
     if os.geteuid() != 0:
-        pytest.fail("the SLURM tests need root (slurm/cluster/start.sh starts munged, slurmctld, slurmd)")
+        pytest.fail("the SLURM tests need root: slurm/cluster/start.sh starts munged, slurmctld and slurmd "
+                    "(run `make test` as root)")
     missing = [c for c in ("munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "sbatch", "sacct")
                if shutil.which(c) is None]
     if missing:
-        pytest.fail(f"SLURM is not installed (no {', '.join(missing)}): run {START} --install")
+        pytest.fail(f"SLURM is not installed (no {', '.join(missing)}): run `slurm/cluster/start.sh --install` "
+                    "as root (`make test` does, where it runs as root on Debian/Ubuntu)")
     d = Path(d or os.environ.get("HHDPO_SLURM_DIR") or DEFAULT_DIR)
     d.mkdir(parents=True, exist_ok=True)
     lock = open(d / "users.lock", "a")  # noqa: SIM115 - held for the whole session

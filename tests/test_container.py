@@ -52,9 +52,13 @@ def run(cmd, env=None, timeout=600, check=True, **kw) -> subprocess.CompletedPro
 
 
 def note(config, line: str) -> None:
-    """Print past pytest's capture: the build times belong in the CI log."""
+    """Print past pytest's capture: the build times belong in the CI log. An xdist worker's terminal
+    reporter writes nowhere; its stderr is the terminal's."""
     with config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-        config.pluginmanager.get_plugin("terminalreporter").write_line(f"[container] {line}")
+        if hasattr(config, "workerinput"):
+            print(f"[container] {line}", file=sys.__stderr__, flush=True)
+        else:
+            config.pluginmanager.get_plugin("terminalreporter").write_line(f"[container] {line}")
 
 
 def load_module(path: Path, name: str):
@@ -129,8 +133,11 @@ def engine(request):
         yield env
         return
     if shutil.which("dockerd") is None:
-        pytest.fail("no Docker engine: set DOCKER_HOST, or install Debian's engine to let the tests start "
-                    "one (apt-get install docker.io debootstrap; see .ci/run)")
+        pytest.fail("no Docker engine (no DOCKER_HOST that answers, no dockerd): run `docker/engine.sh install` "
+                    "as root (`make test` does, where it runs as root on Debian/Ubuntu), or set DOCKER_HOST")
+    if os.geteuid() != 0:
+        pytest.fail("no Docker engine: no DOCKER_HOST that answers, and the private engine (docker/engine.sh) "
+                    "needs root: run `make test` as root, or set DOCKER_HOST to an engine")
     host = run([ENGINE, "host"]).stdout.strip()
     engine_dir = Path(host.removeprefix("unix://")).parent
     # One session at a time on the private engine: another would stop it, images and all, under us.
@@ -164,6 +171,9 @@ def base_image(engine, request):
     if image_exists(engine, BASE):
         note(request.config, f"{BASE} already present")
         return BASE
+    if shutil.which("debootstrap") is None or os.geteuid() != 0:
+        pytest.fail(f"{BASE} is missing and `make base-image` needs root and debootstrap: "
+                    "run `docker/engine.sh install` as root, or load the image into the engine")
     t = time.monotonic()
     make(engine, "base-image", timeout=900)
     note(request.config, f"make base-image: {time.monotonic() - t:.0f} s")

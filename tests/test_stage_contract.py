@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hhdpo.cli import STAGES
+from hhdpo.core.stage import STAGES
 from tests.conftest import run_cli
 
 CONFIG_STAGES = [s for s in STAGES if s != "report"]
@@ -48,7 +48,7 @@ def test_help_lists_both_spellings_and_exit_codes(stage, capsys):
 def test_unknown_config_key_exits_2_naming_it_with_options_in_any_order(stage, cfg_file, capsys):
     # an override before and after an option: parse_intermixed_args, no "unrecognized arguments"
     argv = ["--config", str(cfg_file), "dpo_training.max_steps=2", "--models", "policy", "dpo_training.nosuch_key=1"]
-    if stage in ("train", "data", "upload", "submit"):
+    if stage in ("train", "data", "upload", "submit", "plan"):
         argv.remove("--models"), argv.remove("policy")
     if stage == "train":
         argv[3:3] = ["--nproc-per-node", "1"]

@@ -19,7 +19,7 @@ _PY_KEYS = {v: k for k, v in _YAML_KEYS.items()}
 
 @dataclass
 class DatasetConfig:
-    dataset_name: str = "Anthropic/hh-rlhf"  # Hub id, or a local .jsonl/.jsonl.gz file
+    dataset_name: str = "Anthropic/hh-rlhf"  # Hub id, a local copy of the Hub repo (DIR/<subset>/{train,test}.jsonl.gz), or one .jsonl/.jsonl.gz file
     subset: str = "train[:10%]"  # split with optional slice, as in the seed
     data_dirs: list[str] = field(default_factory=list)  # Hub subsets (harmless-base, ...); [] = all
     val_ratio: float = 0.05
@@ -42,6 +42,7 @@ class DPOTrainingConfig:
     max_steps: int = -1  # optimizer steps; -1 = run `epochs` epochs
     batch_size: int = 4  # pairs per rank per micro-batch
     gradient_accumulation_steps: int = 1
+    defer_grad_sync: bool = False  # FSDP: keep gradients unsharded until the last micro-batch, one reduce-scatter per step (every rank holds 4 B x all parameters more: ~32 GB for 8B); false = reduce-scatter every micro-batch
     learning_rate: float = 5e-7
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"  # constant | linear | cosine (after linear warmup)
@@ -121,7 +122,7 @@ class TailTestConfig:
 
 @dataclass
 class HHTestConfig:
-    hh_test: str = "Anthropic/hh-rlhf"  # Hub id, or a local .jsonl/.jsonl.gz file
+    hh_test: str = "Anthropic/hh-rlhf"  # Hub id, a local copy of the Hub repo (DIR/<subset>/{train,test}.jsonl.gz), or one .jsonl/.jsonl.gz file
     split: str = "test"
     data_dirs: list[str] = field(default_factory=list)
     seed: int = 42

@@ -2,7 +2,8 @@
 
 - Under ``torchrun`` (RANK/WORLD_SIZE set): join its process group.
 - Inside an ``srun`` step with one task per rank (SLURM_STEP_NUM_TASKS >= 2, no RANK): derive
-  RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous address (first host of the step's node list,
+  RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous address (MASTER_ADDR when set, as
+  slurm/train.sbatch sets it, else the first node of the step as SLURM reaches it: its NodeAddr;
   a port from the job id) from SLURM's environment.
 
 No torch import here: ``hhdpo train`` holds stop signals before torch is imported.
@@ -46,9 +47,23 @@ def adopt_slurm_env() -> bool:
         except (OSError, subprocess.CalledProcessError) as e:
             raise ConfigError(f"under srun: cannot expand SLURM_STEP_NODELIST={nodelist!r} with `scontrol show "
                               f"hostnames` ({e}); set MASTER_ADDR to the first node's address") from None
-        env["MASTER_ADDR"] = hosts[0]
+        env["MASTER_ADDR"] = node_addr(hosts[0])
     env.setdefault("MASTER_PORT", str(rendezvous_port(int(env.get("SLURM_JOB_ID", "0")))))
     return True
+
+
+def node_addr(node: str) -> str:
+    """The address SLURM reaches ``node`` at: its ``NodeAddr`` (``scontrol show node``), which is the
+    node name itself unless slurm.conf gives another. A NodeName need not resolve anywhere (only a
+    cluster's /etc/hosts may map it); the NodeAddr is what slurmctld itself connects to. ``node``
+    when scontrol cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    addr = next((tok.partition("=")[2] for tok in out.split() if tok.startswith("NodeAddr=")), "")
+    return addr or node
 
 
 def rendezvous_port(job_id: int) -> int:

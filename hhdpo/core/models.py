@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,6 +50,29 @@ def resolve_model(spec: str) -> str:
         known = ", ".join(sorted(ALIASES))
         raise ModelError(f"model {spec!r}: no such directory, and not a Hub id (org/name) or an alias ({known})")
     return spec  # a Hub id; loading will fail clearly if offline and uncached
+
+
+def hf_hub_cache() -> Path:
+    """huggingface_hub's cache directory, read from the environment now (the variables and their
+    order of ``huggingface_hub.constants``, which reads them once at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def hub_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """The local snapshot of the Hub model ``repo_id`` at ``revision`` that ``from_pretrained`` would load
+    from huggingface_hub's cache, or None when the cache holds none. Layout:
+    ``models--<org>--<name>/refs/<revision>`` holds a commit, ``snapshots/<commit>/`` the files;
+    the snapshot directory's name is that commit (what pins the weights). Offline: reads files only."""
+    repo = hf_hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        commit = revision
+    else:
+        ref = repo / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else ""
+    snap = repo / "snapshots" / commit
+    return snap if commit and snap.is_dir() else None
 
 
 def _convert_gguf_alias(alias: str) -> Path:

@@ -43,6 +43,7 @@ STAGES = {
     "upload": ("hhdpo.upload", "upload the model and logs to the Hugging Face Hub"),
     "submit": ("hhdpo.submit", "submit train|eval|pipeline|sweep as submitit jobs (SLURM, or locally)"),
     "report": ("hhdpo.evaluation.report", "report.png + report.html: training curves, tail test, eval win rates"),
+    "plan": ("hhdpo.launch.plan", "size a run: schedule, GPU memory, host RAM, time, SLURM attempts, sbatch options"),
 }
 
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")

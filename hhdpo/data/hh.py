@@ -1,5 +1,8 @@
 """Anthropic HH-RLHF: load, split into prompt/responses, apply the chat template, batch.
 
+Loading (:mod:`hhdpo.data.sources`): a Hub id, a local copy of the Hub repository or one
+file; a split's slice takes that share of every subset, and each pair remembers its subset.
+
 Parsing. Each HH record is two full conversations, ``chosen`` and ``rejected``, written as
 ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is the longest common prefix of the
 two that ends at a ``\\n\\nAssistant:`` turn boundary; the responses are what follows.
@@ -26,11 +29,11 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from hhdpo.core.io import DataError, iter_jsonl
+from hhdpo.core.io import DataError
+from hhdpo.data.sources import format_counts, load_parts, plan_parts
 
 ASSISTANT = "\n\nAssistant:"
 _TURN_RE = re.compile(r"\n\n(Human|Assistant):")
@@ -48,6 +51,7 @@ class Pair:
     prompt_messages: list[dict] = field(default_factory=list)
     chosen_messages: list[dict] = field(default_factory=list)
     rejected_messages: list[dict] = field(default_factory=list)
+    subset: str = ""  # the part it was loaded from (harmless-base, ..., or a file's name)
 
 
 def hh_to_messages(text: str) -> list[dict] | None:
@@ -101,72 +105,41 @@ def seed_split(text: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- loading
 
 
-_SLICE_RE = re.compile(r"^(?P<name>[A-Za-z_]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
-
-
-def slice_split(rows: list, split: str) -> list:
-    """Apply a datasets-style slice (``train[:10%]``, ``test[100:200]``) to a list."""
-    m = _SLICE_RE.match(split)
-    if m is None:
-        raise DataError(f"split {split!r}: expected NAME or NAME[start:stop] (percent allowed)")
-
-    def pos(v):
-        if v is None:
-            return None
-        if v.endswith("%"):
-            return round(len(rows) * int(v[:-1]) / 100)
-        return int(v)
-
-    return rows[pos(m["start"]) : pos(m["stop"])]
-
-
-def is_local(source: str) -> bool:
-    return source.endswith((".jsonl", ".jsonl.gz", ".json")) or Path(source).exists()
-
-
 def load_raw(source: str, split: str, data_dirs: list[str] | None = None) -> list[tuple[str, dict]]:
-    """Rows as (origin, record) where origin is "file:line" or "hub/subset/split:i"."""
-    if is_local(source):
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"{source}: data file not found")
-        files = sorted(path.glob("*.jsonl*")) if path.is_dir() else [path]
-        rows = [(f"{f}:{ln}", rec) for f in files for ln, rec in iter_jsonl(f)]
-        return slice_split(rows, split)
-    import datasets
-
-    rows = []
-    for d in data_dirs or [None]:
-        try:
-            ds = datasets.load_dataset(source, data_dir=d, split=split)
-        except Exception as e:  # noqa: BLE001 - datasets raises many types; surface the source
-            raise DataError(f"dataset {source!r} (data_dir={d}, split={split}): {e}") from None
-        rows += [(f"{source}/{d or 'all'}/{split}:{i}", rec) for i, rec in enumerate(ds)]
-    return rows
+    """Rows as (origin, record), each subset sliced on its own (:mod:`hhdpo.data.sources`)."""
+    return [row for _, rows in load_parts(source, split, data_dirs) for row in rows]
 
 
 def load_pairs(source: str, split: str, data_dirs: list[str] | None = None, log=print) -> tuple[list[Pair], Counter]:
     """Load and parse HH pairs; skipped pairs are counted by reason and reported."""
     pairs, skipped = [], Counter()
-    for origin, rec in load_raw(source, split, data_dirs):
+    parts = load_parts(source, split, data_dirs)
+    for subset, origin, rec in ((name, origin, rec) for name, part in parts for origin, rec in part):
         if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
             raise DataError(f"{origin}: expected string fields 'chosen' and 'rejected', got keys {sorted(rec)}")
         out = split_pair(rec["chosen"], rec["rejected"])
         if isinstance(out, str):
             skipped[out] += 1
         else:
+            out.subset = subset
             pairs.append(out)
     if log:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
         log(f"[data] {source} {split}: {len(pairs)} pairs parsed, {sum(skipped.values())} skipped ({detail})")
+        log(f"[data] {format_counts(subset_counts(pairs, [name for name, _ in parts]))}")
     if not pairs:
         raise DataError(f"{source} {split}: no usable HH pairs")
     return pairs, skipped
 
 
+def subset_counts(pairs: list[Pair], names: list[str] = ()) -> dict[str, int]:
+    """Pairs per subset in load order, 0 for each of ``names`` none came from (a slice can be empty)."""
+    return dict.fromkeys(names, 0) | Counter(p.subset for p in pairs)
+
+
 def train_val_split(n: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_ratio))
+    n_val = round(n * val_ratio)
     return perm[n_val:], perm[:n_val]
 
 
@@ -308,6 +281,8 @@ def show(cfg, n: int, out=sys.stdout) -> int:
     detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     print(f"\n{ds.dataset_name} {ds.subset}: {total} records, {len(pairs)} parsed, {sum(skipped.values())} skipped "
           f"({detail})", file=out)
+    names = [p.name for p in plan_parts(ds.dataset_name, ds.subset, ds.data_dirs)]  # cheap: reads nothing
+    print(format_counts(subset_counts(pairs, names)), file=out)
     if skipped["diverges_before_last_turn"]:
         print(f"diverges_before_last_turn: {skipped['diverges_before_last_turn']} pairs whose conversations differ "
               "before their last assistant turn (a response would span several turns); not trained on", file=out)

@@ -19,8 +19,12 @@ Each judged record is the pair plus::
   writer; a rerun repairs a torn last line and judges only the pairs without a current
   verdict (same idx and ``judge_key``, see :mod:`hhdpo.evaluation.judge_resume`). Saved verdicts whose
   pair changed or left the pairwise file are dropped by an atomic rewrite, with a log line
-  saying how many and why, and re-judged (``--retry-errors`` drops errored ones too).
+  saying how many and why, and re-judged; so are saved verdicts with ``judge_error``
+  (``--keep-errors`` keeps them).
 * Budget caps stop new requests; finished verdicts are kept, the rest left for a rerun.
+* Complete, or it says not: a run that leaves any pair without a verdict (budget hit) or with
+  ``judge_error`` after all retries exits 75 (``EXIT_INCOMPLETE``, "rerun to finish") and names
+  the counts; a rerun judges only what is missing or errored, then exits 0.
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ from pathlib import Path
 from typing import Optional
 
 from hhdpo.core.config import redact
-from hhdpo.core.io import DataError, append_jsonl, atomic_write_text, repair_jsonl
+from hhdpo.core.errors import EXIT_INCOMPLETE, EXIT_OK
+from hhdpo.core.io import (
+    DataError,
+    append_jsonl,
+    atomic_write_text,
+    iter_jsonl,
+    repair_jsonl,
+)
 from hhdpo.evaluation.judge_api import (
     BudgetExhausted,
     JudgeAPI,
@@ -48,7 +59,9 @@ from hhdpo.evaluation.judge_api import (
 )
 from hhdpo.evaluation.judge_resume import (
     DEFAULT_MODELS,
+    coverage,
     default_out_file,
+    describe_coverage,
     exclusive,
     judge_key,
     load_pairs,
@@ -74,6 +87,7 @@ class FileStats:
     agree: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    coverage: dict = field(default_factory=dict)  # the file after this run (judge_resume.coverage)
 
     def line(self) -> str:
         s = f"{self.out_file}: judged {self.judged}, errors {self.errors}, skipped (already done) {self.skipped}"
@@ -81,6 +95,8 @@ class FileStats:
             s += f", left {self.left}"
         if self.both_orders:
             s += f", order agreement {self.agree}/{self.both_orders} ({self.agree / self.both_orders:.1%})"
+        if self.coverage and not self.coverage["complete"]:
+            s += f"; INCOMPLETE: {describe_coverage(self.coverage)}"
         return s
 
 
@@ -91,6 +107,28 @@ class RunStats:
     input_tokens: int = 0
     output_tokens: int = 0
     budget_hit: Optional[str] = None
+    planned: int = 0  # files asked for; those after a budget hit are not started
+
+    @property
+    def unstarted(self) -> int:
+        return self.planned - len(self.files)
+
+    @property
+    def complete(self) -> bool:
+        """Every file started and every pair in it judged without error."""
+        return not self.unstarted and all(st.coverage.get("complete") for st in self.files)
+
+    def incomplete_reason(self) -> str | None:
+        """What is left, in words (None when complete)."""
+        if self.complete:
+            return None
+        parts = [f"{st.out_file}: {describe_coverage(st.coverage)}" for st in self.files
+                 if not st.coverage.get("complete")]
+        if self.unstarted:
+            parts.append(f"{self.unstarted} file(s) not started")
+        if self.budget_hit:
+            parts.append(f"budget hit: {self.budget_hit}")
+        return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- judging
@@ -182,8 +220,12 @@ class Judge:
 
     async def judge_file(self, in_file, out_file) -> FileStats:
         out_path = Path(out_file)
-        with exclusive(out_path):
-            return await self._judge_file(in_file, out_path)
+        with exclusive(out_path, log=self.log):
+            st = await self._judge_file(in_file, out_path)
+            # what the file holds now, read back under the lock: the run's verdict on itself
+            st.coverage = coverage(load_pairs(in_file), [r for _, r in iter_jsonl(out_path)]
+                                   if out_path.exists() else [])
+            return st
 
     async def _judge_file(self, in_file, out_path: Path) -> FileStats:
         from tqdm import tqdm
@@ -246,7 +288,7 @@ class Judge:
         return st
 
     async def run(self, in_files, out_files) -> RunStats:
-        stats = RunStats()
+        stats = RunStats(planned=len(in_files))
         try:
             for i, o in zip(in_files, out_files):
                 st = await self.judge_file(i, o)
@@ -296,6 +338,10 @@ def judge_run(settings: JudgeSettings, in_files, out_files=None, *, log=None, se
 
 # --------------------------------------------------------------------------- CLI
 
+INCOMPLETE_HELP = (f"exit {EXIT_INCOMPLETE}: incomplete: the budget (judge.max_requests/max_tokens) stopped it, or "
+                   "verdicts are left with judge_error after all retries; finished verdicts are kept, the summary "
+                   "says PARTIAL; rerun to judge only what is missing or errored")
+
 
 def build_parser():
     from hhdpo.core.stage import StageParser
@@ -306,7 +352,8 @@ def build_parser():
                     "Resumable: a rerun judges only the pairs without a current verdict. OPENAI_API_KEY is "
                     "sent to api.openai.com only; another judge.base_url gets $HHDPO_JUDGE_API_KEY (see "
                     "judge.api_key_env) or no key. With no OPENAI_API_KEY and no base URL a local vLLM "
-                    "judge (judge.serve_model) is started.")
+                    "judge (judge.serve_model) is started.",
+        epilog=INCOMPLETE_HELP)
     p.flag("in_file", nargs="+", action="extend", default=None, metavar="FILE",
            help="pairwise JSONL(s) from `hhdpo pairwise` (default: <eval dir>/<name>_pairwise.jsonl per --models)")
     p.flag("out_file", nargs="+", action="extend", default=None, metavar="FILE",
@@ -327,7 +374,10 @@ def build_parser():
     p.key_flag("both_orders", "judge.both_orders", boolean=True,
                help="judge each pair in both A/B orders; agreement -> that winner, disagreement -> tie")
     p.key_flag("serve_model", "judge.serve_model", help="model served locally when there is no key and no base URL")
-    p.flag("retry_errors", action="store_true", help="re-judge pairs whose saved verdict has judge_error")
+    p.flag("retry_errors", action="store_true", default=True,
+           help="re-judge pairs whose saved verdict has judge_error (the default; kept for old command lines)")
+    p.flag("keep_errors", dest="retry_errors", action="store_false",
+           help="keep saved verdicts with judge_error instead of re-judging them (the run stays incomplete, exit 75)")
     p.flag("no_structured", dest="structured", action="store_false",
            help="do not request JSON-schema output (parse free text only)")
     p.flag("backoff_base", type=float, default=1.0, metavar="S",
@@ -374,10 +424,14 @@ def _main(ns) -> int:
         line += f" | order agreement {total('agree') / total('both_orders'):.1%} of {total('both_orders')}"
     print(line)
     if stats.budget_hit:
-        unstarted = len(in_files) - len(stats.files)
+        unstarted = stats.unstarted
         print(f"budget hit: {stats.budget_hit}; stopped cleanly with {total('left')} pair(s) left"
               f"{f' and {unstarted} file(s) not started' if unstarted else ''}; rerun to continue")
-    return 0
+    if not stats.complete:
+        print(f"hhdpo judge: INCOMPLETE (exit {EXIT_INCOMPLETE}): {stats.incomplete_reason()}. Finished verdicts "
+              "are kept; rerun to judge only the missing and errored pairs", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return EXIT_OK
 
 
 def cli(argv: list[str] | None = None) -> int:

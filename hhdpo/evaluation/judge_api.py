@@ -56,7 +56,7 @@ class JudgeSettings:
     """A judging run: the ``judge`` config section plus the options that only shape this run."""
 
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    retry_errors: bool = False  # re-judge saved verdicts that carry judge_error
+    retry_errors: bool = True  # re-judge saved verdicts that carry judge_error (a rerun completes the run)
     structured: bool = True  # request JSON-schema output (dropped automatically if refused)
     backoff_base: float = 1.0
     backoff_max: float = 60.0

@@ -54,6 +54,10 @@ def key_numbers(logs: RunLogs, delta: float | None = None) -> list[tuple[str, st
                      f"tau = {_g(r.get('tau'))}, p_hat = {_g(r.get('p_hat'))} (delta = {_g(delta)}), beta = {_g(r.get('beta'))}; "
                      f"p_hat > delta on {over} of {len(logs.tail)} steps after warmup"))
     if logs.summary:
+        from hhdpo.evaluation.summarize import partial_note
+
+        if partial_note(logs.summary):
+            rows.append(("eval (PARTIAL)", partial_note(logs.summary)))
         conf = f"{100 * logs.summary.get('confidence', 0.95):g}%"
         for f in logs.summary["files"]:
             bounds = f.get("win_rate_ci") or (None, None)

@@ -18,6 +18,15 @@ several files, each is compared with the first (e.g. policy vs base): by the exa
 sign test of :mod:`hhdpo.evaluation.paired` when they share prompts (the same idx), else by a pooled
 two-proportion z-test on the win rate excluding ties. The z-test is reported for paired
 files too, for reference.
+
+Complete or PARTIAL: each judged file is checked against its pairwise file (given, or the
+``*_pairwise.jsonl`` beside a ``*_judged.jsonl``; with ``--config`` the eval dir's): a pair with
+no current verdict is ``missing``, one whose request failed an ``error``, one the judge answered
+unreadably ``invalid`` (counted with the errors in the table, but not unfinished: asking again at
+temperature 0 gives the same answer). ``summary.json`` says ``complete`` with the totals ``pairs``,
+``judged``, ``missing``, ``errors`` and ``invalid`` (per file under
+``coverage``); a summary with anything missing or errored is labelled PARTIAL in the table and
+chart, and ``hhdpo judge``/``eval`` exit 75 for it. Without a pairwise file ``complete`` is null.
 """
 
 from __future__ import annotations
@@ -131,21 +140,59 @@ def compare(ref: dict, other: dict, ref_records, other_records) -> dict:
     return out
 
 
-def summarize(files, labels: Optional[list[str]] = None, confidence: float = 0.95) -> dict:
-    """Summarise judged files; files after the first are each compared with the first."""
+def pairwise_beside(judged_file) -> Path | None:
+    """``x_judged.jsonl`` -> ``x_pairwise.jsonl`` when that file exists (what ``hhdpo judge`` names)."""
+    p = Path(judged_file)
+    if "judged" not in p.name:
+        return None
+    cand = p.with_name(p.name.replace("judged", "pairwise"))
+    return cand if cand.is_file() else None
+
+
+def completeness(rows: list[dict]) -> dict:
+    """The totals over the files whose coverage is known; ``complete`` is None when none is."""
+    known = [r["coverage"] for r in rows if r.get("coverage")]
+    if not known:
+        return {"complete": None, "pairs": None, "judged": None, "missing": None, "errors": None, "invalid": None}
+    out = {k: sum(c.get(k, 0) for c in known) for k in ("pairs", "judged", "missing", "errors", "invalid")}
+    complete = all(c["complete"] for c in known)
+    return {"complete": complete if complete is False or len(known) == len(rows) else None, **out}
+
+
+def summarize(files, labels: Optional[list[str]] = None, confidence: float = 0.95, pairwise=None) -> dict:
+    """Summarise judged files; files after the first are each compared with the first.
+    ``pairwise``: each file's pairwise file (None: the one beside it, if any) for completeness."""
+    from hhdpo.evaluation.judge_resume import coverage, load_pairs
+
     files = [str(f) for f in files]
     labels = list(labels or [])
     if len(labels) > len(files):
         raise BadInput(f"{len(labels)} labels for {len(files)} files")
-    records = [[r for _, r in iter_jsonl(f)] for f in files]
+    pairwise = list(pairwise or [])
+    if len(pairwise) > len(files):
+        raise BadInput(f"{len(pairwise)} pairwise files for {len(files)} judged files")
+    pws = [pairwise[i] if i < len(pairwise) and pairwise[i] else pairwise_beside(f) for i, f in enumerate(files)]
+    # a judged file the judge never started (its budget ran out first) holds no verdicts yet
+    records = [[] if pw and not Path(f).exists() else [r for _, r in iter_jsonl(f)] for f, pw in zip(files, pws)]
     rows = [summarize_file(f, labels[i] if i < len(labels) else None, confidence, records[i])
             for i, f in enumerate(files)]
+    for row, pw, recs in zip(rows, pws, records):
+        row["pairwise_file"] = str(pw) if pw else None
+        row["coverage"] = coverage(load_pairs(pw), recs) if pw else None
     seen = Counter(r["label"] for r in rows)
     for r in rows:  # e.g. two runs both called policy_model: disambiguate by file
         if seen[r["label"]] > 1:
             r["label"] = f"{r['label']} ({Path(r['file']).stem})"
     comparisons = [compare(rows[0], rows[i], records[0], records[i]) for i in range(1, len(rows))]
-    return {"confidence": confidence, "files": rows, "comparisons": comparisons}
+    return {**completeness(rows), "confidence": confidence, "files": rows, "comparisons": comparisons}
+
+
+def partial_note(summary: dict) -> str | None:
+    """``PARTIAL: ...`` for a summary known to be incomplete, else None."""
+    if summary.get("complete") is not False:
+        return None
+    return (f"PARTIAL: {summary['judged']} of {summary['pairs']} pairs judged, {summary['missing']} missing, "
+            f"{summary['errors']} with judge errors; rerun the judge to finish")
 
 
 # --------------------------------------------------------------------------- output
@@ -180,7 +227,9 @@ def _comparison_row(c: dict) -> str:
 
 def markdown(summary: dict) -> str:
     conf = f"{100 * summary['confidence']:g}%"
-    lines = [f"| model | n | wins | losses | ties | errors | win rate (excl. ties) | {conf} CI | "
+    note = partial_note(summary)
+    lines = [f"**{note}**", ""] if note else []
+    lines += [f"| model | n | wins | losses | ties | errors | win rate (excl. ties) | {conf} CI | "
              f"win rate (ties = ½) | {conf} CI | order agreement |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in summary["files"]:
@@ -217,7 +266,13 @@ def draw_winrates(ax, summary: dict) -> None:
     ax.set_xticks(range(len(rows)), [f"{r['label']}\n({r['wins'] + r['losses'] + r['ties']} verdicts)" for r in rows])
     ax.set_ylim(0, 100)
     ax.set_ylabel(f"win rate vs HH chosen (%)\n{100 * summary['confidence']:g}% Wilson CI")
-    ax.set_title("Win rate against the HH chosen responses")
+    note = partial_note(summary)
+    if note:
+        ax.set_title(f"PARTIAL: win rate against the HH chosen responses\n{summary['judged']} of "
+                     f"{summary['pairs']} pairs judged, {summary['missing']} missing, {summary['errors']} with errors",
+                     color="tab:red")
+    else:
+        ax.set_title("Win rate against the HH chosen responses")
     ax.legend(loc="upper right")
     tests = [describe_test(c) for c in summary.get("comparisons", [])]
     if tests:
@@ -245,7 +300,8 @@ def write_outputs(summary: dict, out_dir, log=print) -> list[Path]:
     atomic_write_json(paths[0], summary)
     atomic_write_text(paths[1], markdown(summary) + "\n")
     plot_png(summary, paths[2])
-    log(f"[summarize] wrote {', '.join(map(str, paths))}")
+    note = partial_note(summary)
+    log(f"[summarize] wrote {', '.join(map(str, paths))}" + (f" ({note})" if note else ""))
     return paths
 
 
@@ -290,6 +346,7 @@ def cli(argv: list[str]) -> int:
     def body() -> None:
         out_md = None
         labels = args.label
+        pairwise = None
         if files:
             judged = files
         else:
@@ -297,13 +354,16 @@ def cli(argv: list[str]) -> int:
             names = model_names(cfg, args.models.split(",") if args.models else None)
             ev = run_paths(cfg).eval
             judged = [ev / f"{n}_judged.jsonl" for n in names]
+            pairwise = [p if p.is_file() else None for p in (ev / f"{n}_pairwise.jsonl" for n in names)]
             labels = labels or names
             args.out_json = args.out_json or ev / "summary.json"
             args.out_png = args.out_png or ev / "summary.png"
             out_md = ev / "summary.md"
-        summary = summarize(judged, labels, args.confidence)
+        summary = summarize(judged, labels, args.confidence, pairwise)
         table = markdown(summary)
         print(table)
+        if partial_note(summary):
+            print(f"hhdpo summarize: {partial_note(summary)}", file=sys.stderr)
         for path, write in ((args.out_json, lambda f: atomic_write_json(f, summary)),
                             (out_md, lambda f: atomic_write_text(f, table + "\n")),
                             (args.out_png, lambda f: plot_png(summary, f))):

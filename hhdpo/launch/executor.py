@@ -33,12 +33,14 @@ def write_job_config(cfg: Config, name: str) -> Path:
 def container_binds() -> list[str]:
     """slurm/common.sh's binds (SRC:DST[:ro], each at the same path inside): this checkout read-only
     unless the working directory holds it, the working directory (run_dir and data relative to
-    it), HF_HOME, and HHDPO_BINDS (comma-separated SRC[:DST[:ro]], absolute paths)."""
+    it), HF_HOME, HHDPO_CACHE, and HHDPO_BINDS (comma-separated SRC[:DST[:ro]], absolute paths)."""
     wd, repo = os.getcwd(), str(REPO)
     binds = [] if repo == wd or repo.startswith(wd + "/") else [f"{repo}:{repo}:ro"]
     binds.append(f"{wd}:{wd}")
     if os.environ.get("HF_HOME"):
         binds.append(f"{os.environ['HF_HOME']}:{os.environ['HF_HOME']}")
+    if os.environ.get("HHDPO_CACHE"):
+        binds.append(f"{os.environ['HHDPO_CACHE']}:{os.environ['HHDPO_CACHE']}")
     for entry in filter(None, os.environ.get("HHDPO_BINDS", "").split(",")):
         src, dst, opt = (entry.split(":") + ["", ""])[:3]
         if not src.startswith("/") or (dst and not dst.startswith("/")) or opt not in ("", "ro", "rw"):
@@ -49,23 +51,28 @@ def container_binds() -> list[str]:
 
 def container_options() -> dict:
     """AutoExecutor options for HHDPO_SIF (apptainer) or HHDPO_IMAGE (pyxis); {} bare-metal. The
-    host environment reaches the container (keys included, never on a command line); HF_HOME is
-    passed explicitly because the image sets its own."""
+    host environment reaches the container (keys included, never on a command line); HF_HOME and
+    HHDPO_CACHE are passed explicitly because the image sets its own. HHDPO_CACHE is the host's, or
+    .cache/hhdpo in the working directory: an Apptainer image is read-only, and the reference
+    log-probs cached there outlive the job (the job creates it and exports it: ``slurm_setup``)."""
     sif, image = os.environ.get("HHDPO_SIF"), os.environ.get("HHDPO_IMAGE")
     if sif and image:
         raise ConfigError("HHDPO_SIF and HHDPO_IMAGE are both set: choose apptainer (HHDPO_SIF) or pyxis (HHDPO_IMAGE)")
     if not sif and not image:
         return {}
     binds, hf = ",".join(container_binds()), os.environ.get("HF_HOME")
+    cache = os.environ.get("HHDPO_CACHE") or os.path.join(os.getcwd(), ".cache", "hhdpo")
+    setup = [f"mkdir -p {shlex.quote(cache)}", f"export HHDPO_CACHE={shlex.quote(cache)}"]
     if sif:
         if not Path(sif).is_file():
             raise ConfigError(f"HHDPO_SIF={sif}: no such image file")
         app = ["apptainer", "exec", "--nv", "--bind", binds, "--pwd", os.getcwd()]
         app += ["--env", f"HF_HOME={hf}"] if hf else []
-        return {"slurm_python": shlex.join([*app, str(Path(sif).resolve()), "python"])}
-    srun = [f"--container-image={image}", f"--container-mounts={binds}", f"--container-workdir={os.getcwd()}"]
-    srun += ["--container-env=HF_HOME"] if hf else []
-    return {"slurm_python": "python", "slurm_srun_args": srun}
+        app += ["--env", f"HHDPO_CACHE={cache}"]
+        return {"slurm_python": shlex.join([*app, str(Path(sif).resolve()), "python"]), "slurm_setup": setup}
+    srun = [f"--container-image={image}", f"--container-mounts={binds}", f"--container-workdir={os.getcwd()}",
+            "--container-env=" + ",".join(["HF_HOME"] * bool(hf) + ["HHDPO_CACHE"])]
+    return {"slurm_python": "python", "slurm_srun_args": srun, "slurm_setup": setup}
 
 
 def local_judge(cfg: Config) -> bool:
@@ -95,8 +102,13 @@ def make_executor(cfg: Config, stage: str, *, nodes: int = 1, tasks_per_node: in
     for key in ("partition", "account", "qos", "constraint", "mem"):
         if getattr(s, key) is not None:
             params[f"slurm_{key}"] = getattr(s, key)
-    if "slurm_srun_args" in container:
-        params["slurm_srun_args"] = container["slurm_srun_args"]
+    srun = list(container.get("slurm_srun_args", []))
+    if nodes * tasks_per_node > 1:
+        srun.append("--kill-on-bad-exit=1")  # a failed rank ends the step: the others would wait in a collective
+    if srun:
+        params["slurm_srun_args"] = srun
+    if "slurm_setup" in container:
+        params["slurm_setup"] = container["slurm_setup"]
     ex.update_parameters(**params)
     if options:
         ex.update_parameters(**options)

@@ -25,7 +25,7 @@ import sys
 import submitit
 
 from hhdpo.core.config import load_config, run_paths
-from hhdpo.core.errors import EXIT_OK, EXIT_PREEMPTED, exit_meaning
+from hhdpo.core.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_PREEMPTED, exit_meaning
 from hhdpo.core.stage import STAGES
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -33,6 +33,15 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 class StageFailed(RuntimeError):
     """A stage run by a job exited non-zero (its own message is in the job's log above)."""
+
+    exit_code = None
+
+
+class JudgeIncomplete(StageFailed):
+    """The judge left pairs without a verdict (budget) or with judge_error: the summary was written,
+    labelled PARTIAL, and no completion marker; resubmit to finish (``hhdpo judge``'s exit 75)."""
+
+    exit_code = EXIT_INCOMPLETE
 
 
 def run_stage_cli(stage: str, argv: list[str]) -> None:
@@ -133,7 +142,9 @@ class GenerateJob(submitit.helpers.Checkpointable):
 
 
 class JudgeJob(submitit.helpers.Checkpointable):
-    """pairwise -> judge -> summarize (-> report) for ``models``; returns the summary dict."""
+    """pairwise -> judge -> summarize (-> report) for ``models``; returns the summary dict, or
+    raises :class:`JudgeIncomplete` (after writing the PARTIAL summary, with no marker) when the
+    judge stopped on its budget or left verdicts with judge_error: the job fails, a rerun finishes."""
 
     def __call__(self, config_file: str, models: list[str], marker: bool = True) -> dict:
         from hhdpo.evaluation.report import write_report_or_warn
@@ -142,10 +153,18 @@ class JudgeJob(submitit.helpers.Checkpointable):
         cfg = load_config(config_file)
         if marker:
             hs.job_start("judge", cfg, models)
-        names = ["--models", ",".join(models)]
-        for stage in ("pairwise", "judge", "summarize"):
-            run_stage_cli(stage, ["--config", config_file, *names])
+        argv = ["--config", config_file, "--models", ",".join(models)]
+        run_stage_cli("pairwise", argv)
+        rc = importlib.import_module(STAGES["judge"][0]).cli(argv)
+        if rc != EXIT_INCOMPLETE:
+            check_exit("judge", argv, rc)
+        run_stage_cli("summarize", argv)  # a partial summary too: it says PARTIAL and counts what is left
         write_report_or_warn(cfg)
+        why = hs.judge_incomplete(cfg, models)
+        if rc == EXIT_INCOMPLETE or why:
+            raise JudgeIncomplete(f"hhdpo judge {' '.join(argv)} is incomplete (exit {EXIT_INCOMPLETE}: "
+                                  f"{exit_meaning(EXIT_INCOMPLETE)}): {why or 'see the log above'}; the summary is "
+                                  "PARTIAL and no completion marker was written; resubmit to judge the rest")
         if marker:
             hs.write_marker(cfg, "judge", models)
         return json.loads((run_paths(cfg).eval / "summary.json").read_text())

@@ -4,7 +4,8 @@ scripts and ``hhdpo submit`` call it; nothing here imports torch.
 
     slurm/pipeline.sh CONFIG [key=value ...] [--dry-run]     = python -m hhdpo.launch.slurm pipeline ...
     python -m hhdpo.launch.slurm job-start STAGE --config FILE [key=value ...]   (inside a job: paths, checks)
-    python -m hhdpo.launch.slurm job-done STAGE --config FILE [key=value ...]    (inside a job: the marker)
+    python -m hhdpo.launch.slurm job-done STAGE --config FILE [key=value ...]    (inside a job: the marker;
+        judge: exits 75 and writes none while a pair has no verdict or a judge_error)
     python -m hhdpo.launch.slurm requeue-decision RUN_DIR      (train job, step exited 42: 0 requeue, 3 not)
 
 Stages run in the order train -> generate -> judge (pairwise, judge, summarize). A stage that
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 from hhdpo.core.config import Config, ConfigError, load_config, redact, run_paths
-from hhdpo.core.errors import EXIT_OK
+from hhdpo.core.errors import EXIT_INCOMPLETE, EXIT_OK
 from hhdpo.launch.requeue import SIGNAL_SLACK, parse_time_left, requeue_decision, squeue_time_left, stop_reason  # noqa: F401 - part of this module's API (tests, scripts)
 
 STAGES = ("train", "generate", "judge")
@@ -110,6 +111,29 @@ def write_marker(cfg: Config, stage: str, models: list[str] | None = None) -> Pa
                              "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return path
+
+
+def judge_incomplete(cfg: Config, models: list[str] | None = None) -> str | None:
+    """Why the judge stage of ``models`` is not complete, in words; None when every pair of each
+    model's pairwise file has a current verdict without judge_error (no marker before that)."""
+    from hhdpo.core.io import DataError
+    from hhdpo.evaluation.judge_resume import (
+        DEFAULT_MODELS,
+        describe_coverage,
+        file_coverage,
+        model_files,
+    )
+
+    parts = []
+    for pw, judged in zip(*model_files(cfg, models or list(DEFAULT_MODELS))):
+        try:
+            c = file_coverage(pw, judged)
+        except DataError as e:
+            parts.append(str(e))
+            continue
+        if not c["complete"]:
+            parts.append(f"{judged}: {describe_coverage(c)}")
+    return "; ".join(parts) or None
 
 
 def clear_markers_from(cfg: Config, stage: str) -> list[str]:
@@ -312,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if cmd == "job-done":
             stage, cfg, models = _parse_job_args(rest)
+            why = judge_incomplete(cfg, models) if stage == "judge" else None
+            if why:
+                print(f"[slurm] judge incomplete, no completion marker (exit {EXIT_INCOMPLETE}): {why}; "
+                      "rerun the judge stage to finish", file=sys.stderr)
+                return EXIT_INCOMPLETE
             print(f"[slurm] {stage} complete: {write_marker(cfg, stage, models)}")
             return EXIT_OK
         if cmd == "requeue-decision" and len(rest) == 1:

@@ -5,6 +5,17 @@ Without one, ``hhdpo train`` re-executes itself under ``torch.distributed.run`` 
 ``--nproc-per-node`` workers, forwarding SIGTERM/SIGUSR2 (torchrun passes them on to every
 worker and waits for the checkpoint) and returns the trainer's own exit status (torchrun
 collapses it to 1, so the status the workers wrote to ``run_state.json`` decides: 0, 2 or 42).
+
+The workers all run on this host, so they meet on 127.0.0.1 (the c10d rendezvous on a port the
+store picks, ``--local-addr`` for the workers' MASTER_ADDR), never on this host's name: in a
+container without a network (``docker run --network=none``, ``apptainer --network none``) that
+name may resolve to nothing or to an address that is not up, and torchrun's ``--standalone``
+would wait 300 s for it and fail with DistNetworkError.
+
+torchrun runs in a child process through this module's ``__main__`` (``python -m
+hhdpo.launch.torchrun TORCHRUN-ARGS``): the same ``torch.distributed.run.main``, except that the
+stop signal it ends with (after its workers saved their checkpoint and exited) is no traceback
+of ``SignalException`` but a quiet exit, so that a preemption ends with the trainer's own lines.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from hhdpo.core.distenv import STATE_REPORTED_BY_LAUNCHER, held_signal
@@ -37,7 +49,7 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     # torchrun forwards only SIGTERM/INT/HUP/QUIT by default, and SIGKILLs workers 30 s after one:
     # let SIGUSR2 through too, and give the workers time to finish a step and save a checkpoint
     opts = torchrun_options()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [sys.executable, "-m", "hhdpo.launch.torchrun", *local_rendezvous(), f"--nproc-per-node={nproc}"]
     usr2_as = signal.SIGUSR2
     if "--signals-to-handle" in opts:
         cmd.append(f"--signals-to-handle={','.join(s.name for s in FORWARDED_SIGNALS)}")
@@ -74,6 +86,29 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
     return rc
 
 
+def local_rendezvous() -> list[str]:
+    """torchrun options for workers that all run on this host: a c10d rendezvous on 127.0.0.1
+    (port 0: the store binds a free one; the workers reuse the agent's store), and 127.0.0.1 as
+    the workers' MASTER_ADDR (``--local-addr``; else torchrun publishes ``socket.getfqdn()``).
+    What ``--standalone`` does, without resolving this host's name."""
+    return ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id={uuid.uuid4()}",
+            "--local-addr=127.0.0.1"]
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """``torch.distributed.run.main(argv)``; a stop signal that ended it (torchrun raises
+    ``SignalException`` once its workers are gone, printed as a 28-line traceback) is a quiet
+    ``128 + signal`` instead. Everything else (a failed worker's error table, bad options) as torchrun."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
 def strip_option(argv: list[str], name: str) -> list[str]:
     """``argv`` without option ``--name`` (both spellings, ``--x v`` and ``--x=v``): what the
     launcher handles itself is not passed on to the workers."""
@@ -87,3 +122,7 @@ def strip_option(argv: list[str], name: str) -> list[str]:
         elif not a.startswith(tuple(f + "=" for f in forms)):
             out.append(a)
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main(sys.argv[1:]))

@@ -12,7 +12,13 @@ Layout under ``run_paths(cfg).ckpt``:
 
 Resuming explicitly from an older checkpoint starts a new branch: the checkpoints after it
 belong to the abandoned one, so they are moved aside (never deleted) and neither
-``resume: auto`` nor ``keep_last`` pruning sees them again.
+``resume: auto`` nor ``keep_last`` pruning sees them again. That happens once, when the named
+checkpoint starts the run: later attempts of the run continue from its newest checkpoint
+(:func:`find_resume_checkpoint`). With no checkpoint at all, the logs of an attempt that never
+completed are set aside into ``<save_dir>/logs/attempt-<N>/`` and the run starts over
+(:func:`starts_over`, :func:`set_aside_attempt`); a completed run is never overwritten.
+Rank 0's parts of a save and of the export share their outcome with every rank
+(``hhdpo.training.rank0``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch.distributed as dist
 
 from hhdpo.core.config import Config, ConfigError, run_paths
 from hhdpo.core.io import atomic_write_json
+from hhdpo.training import rank0
 
 CKPT_PREFIX = "step_"
 # files of an HF export that hold weights: any of them not written by the newest export is stale
@@ -51,17 +58,92 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def read_run_state(path: Path) -> dict:
+    """``run_state.json`` (``run_paths(cfg).state``) as a dict; {} when absent or unreadable."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+# what run_state.json keeps from one attempt of a run to the next (each written only when it applies)
+RUN_STATE_KEPT = ("resumed_from", "wandb_run_id")
+
+
+def kept_run_state(path: Path) -> dict:
+    """The fields of ``run_state.json`` that a later attempt of the same run keeps (:data:`RUN_STATE_KEPT`)."""
+    state = read_run_state(path)
+    return {k: state[k] for k in RUN_STATE_KEPT if k in state}
+
+
 def find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint this attempt of the run starts from (None: from the base model).
+
+    ``resume: auto``: this run's newest complete checkpoint. ``resume: <path>`` names the
+    checkpoint that *starts* the run (it may lie in another run's directory); a later attempt
+    of the same run (a requeue, the same command again, submitit's checkpoint) continues from
+    this run's newest checkpoint instead of going back to it. ``run_state.json`` records the
+    named checkpoint the run started from (``resumed_from``: its resolved path and step); naming
+    another checkpoint starts a new branch again.
+    """
     r = cfg.checkpoint.resume
     if r == "never":
         return None
+    paths = run_paths(cfg)
+    ckpts = complete_checkpoints(paths.ckpt)
     if r == "auto":
-        ckpts = complete_checkpoints(run_paths(cfg).ckpt)
         return ckpts[-1] if ckpts else None
-    p = Path(r)
+    p = Path(r).expanduser()
+    origin = read_run_state(paths.state).get("resumed_from") or {}
+    if ckpts and origin.get("path") == str(p.resolve()) and checkpoint_step(ckpts[-1]) >= origin.get("step", 0):
+        return ckpts[-1]
     if not (p / "meta.json").is_file():
         raise ConfigError(f"checkpoint.resume: got {r!r}, expected auto, never or a complete checkpoint directory")
     return p
+
+
+def run_leftovers(cfg: Config) -> list[Path]:
+    """What an earlier run left in this run's place: metrics, an HF export, margins logs."""
+    paths = run_paths(cfg)
+    return [p for p in (paths.metrics, paths.save / "model.safetensors", paths.tail) if p.exists()]
+
+
+def starts_over(cfg: Config) -> bool:
+    """With no checkpoint to resume: whether an earlier, unfinished attempt of this run left files.
+
+    True when ``run_state.json`` says the run never completed (it was killed before its first
+    checkpoint: a node failure, an OOM kill, SIGKILL): this attempt starts over and sets those
+    files aside (:func:`set_aside_attempt`). Raises ConfigError when they belong to a completed
+    run, or to one without a run state: that run is protected. False when there is nothing.
+    """
+    paths = run_paths(cfg)
+    leftovers = run_leftovers(cfg)
+    if not leftovers:
+        return False
+    status = read_run_state(paths.state).get("status")
+    if status is not None and status != "completed":
+        return True
+    raise ConfigError(
+        f"dpo_training.save_dir: {paths.save} already holds a run ({leftovers[0].name}) and no checkpoint "
+        "to resume; choose another save_dir (nothing was changed)")
+
+
+def set_aside_attempt(cfg: Config) -> Path | None:
+    """Move an unfinished attempt's logs (metrics, margins, run state, W&B run id) into
+    ``<save_dir>/logs/attempt-<N>/`` (N = 1, 2, ...), so that the new attempt logs each step once.
+    Returns that folder (None when there was nothing to move). Rank 0 only."""
+    paths = run_paths(cfg)
+    moving = [p for p in (paths.metrics, paths.tail, paths.state, paths.save / ".wandb_run_id") if p.exists()]
+    if not moving:
+        return None
+    logs = paths.save / "logs"
+    n = 1 + max((int(p.name[8:]) for p in logs.glob("attempt-*") if p.name[8:].isdigit()), default=0)
+    dest = logs / f"attempt-{n}"
+    dest.mkdir(parents=True)
+    for p in moving:
+        shutil.move(str(p), str(dest / ("margins" if p == paths.tail else p.name)))
+    return dest
 
 
 def set_aside_later_checkpoints(ckpt_dir: Path, resumed: Path) -> tuple[Path | None, list[Path]]:
@@ -121,14 +203,12 @@ def save_checkpoint(root: Path, step: int, model, opt, trainer_state: dict, keep
     rank = dist.get_rank()
     final = root / f"{CKPT_PREFIX}{step:07d}"
     tmp = root / f".{final.name}.partial"
-    if rank == 0:
+
+    def start():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed job
         tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(_dcp_state(model, opt), checkpoint_id=str(tmp))
-    torch.save(_capture_rng(), tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
+
+    def finish():
         torch.save(trainer_state, tmp / "trainer_state.pt")
         atomic_write_json(tmp / "meta.json", {"step": step, "epoch": trainer_state["epoch"],
                                               "world": trainer_state["world"], "time": time.time()})
@@ -136,8 +216,33 @@ def save_checkpoint(root: Path, step: int, model, opt, trainer_state: dict, keep
         os.replace(tmp, final)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    # rank 0's parts share their outcome (hhdpo.training.rank0): a failure there ends every rank
+    rank0.on_rank0(f"creating the checkpoint directory {tmp}", start)
+    dcp.save(_dcp_state(model, opt), checkpoint_id=str(tmp))
+    with rank0.shared(f"saving the RNG states into {tmp}"):
+        torch.save(_capture_rng(), tmp / f"rng_rank{rank}.pt")
+    rank0.on_rank0(f"completing the checkpoint {final}", finish)
     return final
+
+
+def _numpy_globals() -> list:
+    """What numpy's RNG state (a uint32 key array) pickles as; allowed for ``torch.load(weights_only=True)``."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    # a file written under numpy 1.x names numpy.core.multiarray._reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path):
+    """A checkpoint's ``trainer_state.pt`` or ``rng_rank<r>.pt``, loaded with ``weights_only=True``: tensors,
+    plain Python values and numpy arrays only; a pickle naming any other callable or class (code
+    it would run) raises ``pickle.UnpicklingError`` instead of running it."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, weights_only=True)
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:
@@ -149,10 +254,10 @@ def load_checkpoint(path: Path, model, opt) -> dict:
     state = _dcp_state(model, opt)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    tr = torch.load(path / "trainer_state.pt", weights_only=False)
+    tr = load_state(path / "trainer_state.pt")
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if tr["world"] == dist.get_world_size() and rng_file.is_file():
-        _restore_rng(torch.load(rng_file, weights_only=False))
+        _restore_rng(load_state(rng_file))
     return tr
 
 
@@ -166,15 +271,18 @@ def export_hf(model, hf_config, arch: str, tokenizer, dtype: torch.dtype, save: 
     template, and the base model's ``generation_config.json`` (its sampling defaults and
     end-of-turn ids) when it has one. Weight files and index left by an earlier export that
     this one did not write are removed afterwards: a loader globbing ``*.safetensors`` would
-    read both. Returns the weight files written (rank 0; [] elsewhere).
+    read both. Returns the weight files written (on every rank). A failure while rank 0 writes
+    raises on every rank (``hhdpo.training.rank0``), not just on rank 0.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    written: list[str] = []
-    if dist.get_rank() == 0:
+
+    def write() -> list[str]:
+        nonlocal sd
+        written: list[str] = []
         if getattr(hf_config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
         sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
@@ -195,8 +303,10 @@ def export_hf(model, hf_config, arch: str, tokenizer, dtype: torch.dtype, save: 
         tokenizer.save_pretrained(save)
         _copy_generation_config(base_model, save)
         remove_stale_weights(save, set(written))
-    dist.barrier()
-    return written
+        return written
+
+    # rank 0 writes while the others wait for its outcome: a failure ends every rank (hhdpo.training.rank0)
+    return rank0.on_rank0(f"writing the Hugging Face export to {save}", write)
 
 
 def remove_stale_weights(directory: Path, keep: set[str]) -> list[str]:

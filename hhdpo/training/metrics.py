@@ -65,47 +65,113 @@ def eval_record(sums: Sequence[float], n: float, step: int) -> dict:
 
 
 class MetricsLogger:
-    def __init__(self, path: Path, cfg: Config, enabled: bool, resume_step: int | None = None):
+    """Rank 0's sinks: ``metrics.jsonl`` and, unless ``wandb.mode: disabled``, a W&B run.
+
+    The W&B run id is the run's own (``wandb_id``, kept in ``run_state.json``), so a requeued
+    or rerun attempt continues the same W&B run (``resume="allow"``). When the attempt resumes
+    from a checkpoint older than the last step already logged (a SIGKILL after the checkpoint,
+    an explicitly named older checkpoint), W&B is *rewound* to the checkpoint's step
+    (``resume_from="<id>?_step=<step>"``): the run then shows the resumed steps, not the
+    abandoned ones (metrics.jsonl is truncated the same way). A W&B failure never stops
+    training: an online init that fails (no network, no API key, a server refusing the rewind)
+    warns and continues offline with the same id and rewind point (``wandb sync`` uploads it
+    later); an offline one that fails warns and goes on with metrics.jsonl alone.
+    """
+
+    def __init__(self, path: Path, cfg: Config, enabled: bool, resume_step: int | None = None,
+                 wandb_id: str | None = None):
         self.path = path
         self.enabled = enabled
         self.wandb = None
+        self._wandb_warned = False
         if not enabled:
             return
+        logged = last_step(path)
         if resume_step is not None:
             truncate_after_step(path, resume_step)
         if cfg.wandb.mode != "disabled":
-            import wandb
-
-            # the config holds no secret by construction; redact() also scrubs env secrets
-            safe = json.loads(redact(json.dumps(cfg.to_dict())))
-            self.wandb = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.run_name,
-                tags=cfg.wandb.tags or None, mode=cfg.wandb.mode, config=safe,
-                dir=str(path.parent), resume="allow", id=_run_id(path.parent),
-            )
+            rewind = resume_step if resume_step is not None and logged is not None and logged > resume_step else None
+            self.wandb = start_wandb(cfg, path.parent, wandb_id or _run_id(path.parent), rewind)
 
     def log(self, record: dict) -> None:
         if not self.enabled or not record:
             return
         append_jsonl(self.path, [record])
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+            try:
+                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+            except Exception as e:  # noqa: BLE001 - W&B never stops training; metrics.jsonl has the record
+                if not self._wandb_warned:
+                    _warn(f"W&B could not log step {record.get('step')} ({type(e).__name__}: {e}); "
+                          f"{self.path} keeps every record")
+                    self._wandb_warned = True
 
     def close(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                _warn(f"W&B could not finish its run ({type(e).__name__}: {e})")
+            self.wandb = None
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"[wandb] warning: {redact(msg)}", file=sys.stderr, flush=True)
+
+
+def start_wandb(cfg: Config, directory: Path, run_id: str, rewind_to: int | None):
+    """The W&B run ``run_id`` (resumed if it exists), rewound to step ``rewind_to`` when given;
+    falls back to offline when an online init fails, and to None (no W&B) when offline fails too."""
+    import wandb
+
+    # the config holds no secret by construction; redact() also scrubs env secrets
+    safe = json.loads(redact(json.dumps(cfg.to_dict())))
+    kw = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.run_name,
+              tags=cfg.wandb.tags or None, config=safe, dir=str(directory), id=run_id)
+    # resume and resume_from exclude each other: the rewind resumes the same run id too
+    kw.update({"resume_from": f"{run_id}?_step={rewind_to}"} if rewind_to is not None else {"resume": "allow"})
+    mode = cfg.wandb.mode
+    try:
+        run = wandb.init(mode=mode, **kw)
+    except Exception as e:  # noqa: BLE001 - W&B never stops training
+        if mode != "online":
+            _warn(f"W&B ({mode}) could not start ({type(e).__name__}: {e}); metrics go to metrics.jsonl only")
+            return None
+        _warn(f"W&B could not start online ({type(e).__name__}: {e}); continuing offline with run id {run_id} "
+              f"(upload later: wandb sync {directory}/wandb/offline-run-*-{run_id})")
+        try:
+            wandb.teardown()  # the failed init's stream still holds the run id
+            run = wandb.init(mode="offline", **kw)
+        except Exception as e2:  # noqa: BLE001
+            _warn(f"W&B could not start offline either ({type(e2).__name__}: {e2}); metrics go to metrics.jsonl only")
+            return None
+    if rewind_to is not None:
+        print(f"[wandb] run {run_id} rewound to step {rewind_to}: the steps logged after it belonged to an "
+              "abandoned attempt", flush=True)
+    return run
 
 
 def _run_id(save_dir: Path) -> str:
-    """A stable W&B run id per save_dir, so a requeued job continues the same run."""
+    """The W&B run id of a run from before ``run_state.json`` kept it (``.wandb_run_id``), else a new one."""
     f = save_dir / ".wandb_run_id"
     if f.is_file():
         return f.read_text().strip()
+    return new_run_id()
+
+
+def new_run_id() -> str:
     import secrets
 
-    rid = secrets.token_hex(4)
-    atomic_write_text(f, rid)
-    return rid
+    return secrets.token_hex(4)
+
+
+def last_step(path: Path) -> int | None:
+    """The highest step in ``metrics.jsonl`` (None: no record)."""
+    if not path.is_file():
+        return None
+    return max((r.get("step", 0) for r in repair_jsonl(path)), default=None)
 
 
 def truncate_after_step(path: Path, step: int) -> None:

@@ -29,6 +29,19 @@ def make_optimizer(model, t, total_steps: int):
     return opt, sched
 
 
+def set_grad_sync(model, micro: int, accumulation: int, defer: bool) -> None:
+    """Before micro-batch ``micro`` of ``accumulation``: whether FSDP2 reduce-scatters its gradients.
+
+    By default every micro-batch's backward reduce-scatters into the sharded gradients (which
+    accumulate there), as torchtitan does: a rank never holds more than the layer being reduced
+    unsharded. ``defer`` (``dpo_training.defer_grad_sync``) syncs only on the last micro-batch:
+    fewer collectives, but until then every rank accumulates every parameter's whole unsharded
+    fp32 gradient (4 B x N: ~32 GB for an 8B model). A model without FSDP is left alone.
+    """
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(not defer or micro == accumulation - 1)
+
+
 def optimizer_step(model, opt, sched, max_grad_norm: float) -> tuple[float, float]:
     """Clip the gradients (``max_grad_norm`` 0: no clipping), step, zero them; returns the
     pre-clipping global gradient norm and the learning rate this step used."""

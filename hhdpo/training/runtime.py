@@ -8,10 +8,10 @@ import os
 
 import torch
 
-from hhdpo.core.config import Config, ConfigError, run_paths
+from hhdpo.core.config import Config, ConfigError
 from hhdpo.core.models import decoder_layer_classes, load_model, resolve_model
 from hhdpo.data.hh import load_pairs
-from hhdpo.training.checkpoint import find_resume_checkpoint
+from hhdpo.training.checkpoint import find_resume_checkpoint, starts_over
 from hhdpo.training.precision import warn_if_cpu_bf16_emulated
 from hhdpo.training.sharded_load import load_sharded, meta_model
 
@@ -39,6 +39,45 @@ def resolve_runtime(cfg: Config) -> tuple[torch.device, str, torch.dtype]:
     return device, ("nccl" if use_cuda else "gloo"), dtype
 
 
+_DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop")  # attention_dropout, resid_pdrop, layerdrop, ...
+
+
+def _is_dropout_rate(name: str, value) -> bool:
+    return any(n in name.lower() for n in _DROPOUT_NAMES) and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def disable_dropout(model) -> list[str]:
+    """Dropout off everywhere in ``model``, as TRL's DPO does; returns what it changed.
+
+    Every ``nn.Dropout`` gets p=0, and every positive dropout rate a module or the model's config
+    holds as a number (Llama's attention ``attention_dropout``, GPT-2's ``*_pdrop``, OPT's
+    ``layerdrop``, read at forward time in train mode) becomes 0. The policy trains in train mode;
+    with dropout it would not compute what the frozen reference computes, and the first step's
+    loss (policy == reference) would not be ln 2.
+    """
+    from transformers import PretrainedConfig
+
+    changed = []
+    configs = [("config", model.config)]
+    configs += [(f"config.{k}", v) for k, v in vars(model.config).items() if isinstance(v, PretrainedConfig)]
+    for where, config in configs:
+        for k, v in list(vars(config).items()):
+            if _is_dropout_rate(k, v) and v:
+                setattr(config, k, 0.0)
+                changed.append(f"{where}.{k}={v}")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            if module.p:
+                changed.append(f"{name}.p={module.p}")
+            module.p = 0.0
+            continue
+        for k, v in list(vars(module).items()):
+            if not k.startswith("_") and _is_dropout_rate(k, v) and v:
+                setattr(module, k, 0.0)
+                changed.append(f"{name}.{k}={v}")
+    return changed
+
+
 def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, compute_dtype: torch.dtype, world: int,
                 shard: bool):
     """The policy (trainable: fp32 master weights) or the frozen reference (in the compute dtype),
@@ -55,6 +94,7 @@ def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, c
     hf_config = copy.deepcopy(model.config)
     arch = type(model).__name__
     model.config.use_cache = False
+    disable_dropout(model)  # after the copy: the exported config keeps the base model's rates
     if trainable and cfg.dpo_training.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard:
@@ -81,10 +121,5 @@ def preflight(cfg: Config) -> None:
     load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=None)
     resolve_model(cfg.policy_model)
     resolve_model(cfg.ref_model_path)
-    paths = run_paths(cfg)
     if find_resume_checkpoint(cfg) is None:
-        leftovers = [p for p in (paths.metrics, paths.save / "model.safetensors", paths.tail) if p.exists()]
-        if leftovers:
-            raise ConfigError(
-                f"dpo_training.save_dir: {paths.save} already holds a run ({leftovers[0].name}) and no checkpoint "
-                "to resume; choose another save_dir (nothing was changed)")
+        starts_over(cfg)  # refuses a save_dir holding a completed (or unknown) run; an unfinished one starts over

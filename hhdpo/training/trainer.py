@@ -13,28 +13,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hhdpo.core.config import Config, ConfigError, redact, run_paths, save_config
+from hhdpo.core.config import Config, ConfigError, redact, run_paths
 from hhdpo.core.distenv import STATE_REPORTED_BY_LAUNCHER, held_signal
 from hhdpo.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput, Preempted
 from hhdpo.core.io import DataError, atomic_write_json
 from hhdpo.core.models import cache_dir, load_tokenizer, resolve_model
 from hhdpo.data.batching import rank_batches
 from hhdpo.data.hh import load_pairs, tokenize_pairs, train_val_split
-from hhdpo.training.checkpoint import find_resume_checkpoint
+from hhdpo.training import rank0
+from hhdpo.training.checkpoint import kept_run_state
 from hhdpo.training.forward import pair_batch, response_logps
 from hhdpo.training.loss import implicit_margins, preference_loss
 from hhdpo.training.metrics import (
     PAIR_SUMS,
-    MetricsLogger,
     add_step,
     eval_record,
     pair_sums,
     train_record,
-    truncate_after_step,
 )
-from hhdpo.training.optim import make_optimizer, optimizer_step
-from hhdpo.training.ref_logps import cache_file, cached_or_computed, compute_all, ref_cache_key
+from hhdpo.training.optim import make_optimizer, optimizer_step, set_grad_sync
+from hhdpo.training.ref_logps import cached_or_computed, compute_all, ref_cache_path
 from hhdpo.training.runtime import build_model, resolve_runtime
+from hhdpo.training.schedule import schedule, schedule_line, schedule_warnings
 from hhdpo.training.tail import TailTest
 from hhdpo.training.train_state import TrainStateMixin
 
@@ -64,7 +64,7 @@ class DPOTrainer(TrainStateMixin):
         reduced in fp32 and fp32 (fused) AdamW state on GPU (``MixedPrecisionPolicy``).
       - Losses: sigmoid/cDPO, robust, hinge, IPO, reference-free (``hhdpo.training.loss``); summed or
         length-averaged log-probs (averaged by default for IPO).
-      - Gradient accumulation (gradient sync only on the last micro-batch), clipping,
+      - Gradient accumulation (reduce-scattered every micro-batch; ``defer_grad_sync``: only the last), clipping,
         linear warmup then constant/linear/cosine decay, activation checkpointing.
       - Tail test on all-gathered margins with optional adaptive beta (``hhdpo.training.tail``).
       - Metrics (names in ``hhdpo.training.metrics``) to ``metrics.jsonl``, W&B (rank 0) and a tqdm bar;
@@ -73,8 +73,12 @@ class DPOTrainer(TrainStateMixin):
       - DCP sharded checkpoints every ``save_steps`` holding model, optimizer, scheduler,
         data position, RNG, tail-test state and beta (``hhdpo.training.checkpoint``); ``resume: auto``
         picks the newest complete one; resuming an older one explicitly sets the later ones
-        aside as an abandoned branch; SIGTERM/SIGUSR2 finish the step (or validation batch),
-        save and exit 42, also when they come during start-up (``hhdpo.training.train_state``).
+        aside as an abandoned branch, once: later attempts continue from the run's newest; an
+        attempt killed before its first checkpoint starts over (its logs into logs/attempt-N/);
+        SIGTERM/SIGUSR2 finish the step (or validation batch), save and exit 42, also when
+        they come during start-up (``hhdpo.training.train_state``).
+      - Rank-0-only work (run state, config, metrics and W&B, margins, the Hub download, the
+        export) shares its outcome with every rank: one failure ends all (``hhdpo.training.rank0``).
       - Final Hugging Face directory (safetensors, config, tokenizer, chat template, the base
         model's generation config) gathered from the shards, loadable by ``from_pretrained``
         and vLLM; weight files of an earlier export are replaced, not left beside it.
@@ -90,6 +94,7 @@ class DPOTrainer(TrainStateMixin):
             dist.init_process_group(backend=backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        rank0.setup()  # rank-0-only sections share their outcome over it (hhdpo.training.rank0)
         # bf16 goes through FSDP2's mixed precision even on one process: it casts the policy's fp32 master
         # weights to bf16 as the reference is stored, so both compute alike (under autocast the policy kept an
         # fp32 residual stream and its step-1 loss was not ln 2: 0.682 on an 8B-shaped model, H100)
@@ -105,10 +110,12 @@ class DPOTrainer(TrainStateMixin):
         for s in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(s, self._on_signal)
 
-        resume_from = find_resume_checkpoint(cfg)
+        resume_from = self._choose_start()  # rank 0 decides for all (hhdpo.training.train_state)
         self._log(f"[train] attempt={os.environ.get('SLURM_RESTART_COUNT', '0')} world={self.world} device={self.device} "
                   f"backend={backend} dtype={self.dtype} fsdp={'yes' if self.sharded else 'no'} "
                   f"resume={'from ' + str(resume_from) if resume_from else 'no'}")
+
+        self._fetch_hub_models()  # once per node, before anything loads them; the others wait for the outcome
 
         # data: every rank parses and tokenizes (cheap); indices decide who trains on what
         self.tokenizer = load_tokenizer(cfg.policy_model, cfg.trust_remote_code)
@@ -127,6 +134,9 @@ class DPOTrainer(TrainStateMixin):
         if not self.validates:
             self._log(f"[train] no validation: the validation split has {len(self.val_idx)} pair(s) (dataset.val_ratio="
                       f"{ds.val_ratio}), fewer than one batch across ranks ({self.world} x batch_size {t.batch_size})")
+        plan = schedule(len(pairs), self.world, cfg)  # the arithmetic above in one line, as `hhdpo plan` prints it
+        for line in [schedule_line(plan)] + [f"warning: {w}" for w in schedule_warnings(plan)]:
+            self._log(f"[train] {line}")
         # under FSDP every extra forward gathers the parameters again (measured slower on 2 CPU ranks); on a
         # GPU many small forwards cost more than padding (4x fewer tokens/s on an 8B-shaped model, H100)
         self.group_by_length = (t.group_by_length if t.group_by_length is not None
@@ -153,11 +163,7 @@ class DPOTrainer(TrainStateMixin):
         self.last_saved_step = -1
         if resume_from is not None:
             self._resume(resume_from)
-        if self.is_main:
-            save_config(cfg, self.paths.save, previous_tag=f"before_step_{self.step:07d}", log=self._log)
-            for name in ("global_margins_log.jsonl", "global_tail_test_and_beta_log.jsonl"):
-                truncate_after_step(self.paths.tail / name, self.step)
-        self.logger = MetricsLogger(self.paths.metrics, cfg, self.is_main, resume_step=self.step)
+        self.logger = self._begin_attempt(resume_from)  # run state, config, margins logs, metrics.jsonl, W&B
 
     # ------------------------------------------------------------------ setup
 
@@ -197,7 +203,10 @@ class DPOTrainer(TrainStateMixin):
     def _precomputed_ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of every pair, computed once and cached on disk (``hhdpo.training.ref_logps``)."""
         t = self.cfg.dpo_training
-        key = ref_cache_key(self.examples, resolve_model(self.cfg.ref_model_path), self.dtype, t.average_log_prob)
+        ref_model = resolve_model(self.cfg.ref_model_path)
+
+        def path():  # rank 0, before looking and before writing (a Hub model is pinned once downloaded)
+            return ref_cache_path(cache_dir(), self.examples, ref_model, self.dtype, t.average_log_prob)
 
         def compute():
             ref, _, _ = self._build_model(self.cfg.ref_model_path, trainable=False)
@@ -207,7 +216,7 @@ class DPOTrainer(TrainStateMixin):
             gc.collect()  # FSDP wrappers hold reference cycles; free the model's memory now
             return out
 
-        return cached_or_computed(cache_file(cache_dir(), key), len(self.examples), compute, self.device, self._log)
+        return cached_or_computed(path, len(self.examples), compute, self.device, self._log)
 
     # ------------------------------------------------------------------ training
 
@@ -219,8 +228,7 @@ class DPOTrainer(TrainStateMixin):
         margins = []
         for i, idxs in enumerate(group):
             batch = self._batch(idxs)
-            if self.sharded:
-                self.policy.set_requires_gradient_sync(i == ga - 1)
+            set_grad_sync(self.policy, i, ga, t.defer_grad_sync)
             pc, pr = self._logps(self.policy, batch)
             rc, rr = self._ref(idxs, batch)
             losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
@@ -279,16 +287,15 @@ class DPOTrainer(TrainStateMixin):
                     self.batch_in_epoch += ga
                     add_step(self.window, stats, time.perf_counter() - t0)
                     if self.cfg.tail_test.enabled:
-                        self.tail.update(margins, self.step, self.epoch)
-                        self.beta = self.tail.beta
+                        self._update_tail(margins)  # rank 0 writes the margins logs; its outcome is shared
                     bar.update(1)
                     if self.step % t.log_steps == 0 or self.step == self.total_steps:
                         rec = train_record(self.window, self.step, self._epoch_progress(), self.beta)
                         self.window = {}
-                        self.logger.log(rec)
+                        self._log_record(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}", tps=f"{rec['tokens/s']:.0f}")
                     if self.validates and t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
-                        self.logger.log(self.evaluate())
+                        self._log_record(self.evaluate())
                     if self.cfg.checkpoint.save_steps and self.step % self.cfg.checkpoint.save_steps == 0:
                         self.save_checkpoint()
                     self._check_preemption()
@@ -298,7 +305,7 @@ class DPOTrainer(TrainStateMixin):
             bar.close()
             if self.validates:
                 ev = self.evaluate()
-                self.logger.log(ev)
+                self._log_record(ev)
                 self._log("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float)))
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
@@ -332,7 +339,8 @@ def run(cfg: Config) -> int:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         if rank == 0:
             msg = redact(str(e))
-            atomic_write_json(run_paths(cfg).state, {"status": "bad_input", "message": msg})
+            state = run_paths(cfg).state  # a later attempt of the run still knows its origin and W&B run
+            atomic_write_json(state, {**kept_run_state(state), "status": "bad_input", "message": msg})
             print(f"hhdpo train: error: {msg}", file=sys.stderr, flush=True)
         # under hhdpo's own torchrun the launcher reports the recorded state as exit 2; a failed
         # worker would make torchrun print its ChildFailedError traceback over the message

@@ -14,11 +14,11 @@ from hhdpo.data.hh import (
     load_pairs,
     prompt_ids,
     seed_split,
-    slice_split,
     split_pair,
     tokenize_pair,
     train_val_split,
 )
+from hhdpo.data.sources import slice_split
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,7 @@ def test_data_cli_show(hh_file):
     assert r.returncode == 0, r.stderr
     assert "=== pair 1" in r.stdout and "trained tokens" in r.stdout
     assert "2303 parsed, 9 skipped (diverges_before_last_turn=5, empty_response=4)" in r.stdout
+    assert f"subsets: {hh_file.name}=2303" in r.stdout.splitlines()  # one file: one part, named after it
 
 
 @pytest.mark.parametrize("before, after", [((1, 4), (2, 2)), ((2, 1), (1, 2)), ((4, 2), (2, 1)), ((1, 3), (2, 2))])

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -181,16 +182,25 @@ def test_failed_and_unparseable_verdicts_are_recorded_and_excluded(tmp_path):
     assert (s["errors"], s["wins"], s["losses"], s["ties"]) == (5, wins, losses, len(good) - wins - losses)
     assert s["win_rate"] == pytest.approx(wins / (wins + losses))
 
-    # a plain rerun leaves errored verdicts alone; --retry-errors re-judges them (faults now used up)
+    # the run is incomplete: 2 requests failed for good (HTTP 500, HTTP 400); the 3 answers that could
+    # not be read are verdicts (invalid: asking again at temperature 0 gives the same text), reported
+    # but not unfinished. --keep-errors leaves the failures alone (still incomplete), a plain rerun
+    # re-judges exactly them (faults now used up) and completes it
+    failed = {i for i in errored if "judge_raw" not in recs[i]}
+    assert failed == {ids[0], ids[4]}
+    assert stats.files[0].coverage == {"pairs": 16, "judged": 11, "errors": 2, "invalid": 3, "missing": 0,
+                                       "complete": False}
+    assert not stats.complete and "11 of 16 pairs judged, 0 missing, 2 with errors, 3 invalid" in stats.incomplete_reason()
     with FakeOpenAIServer() as srv:
         srv.set_index(pairs)
+        st = run(pw, out, srv, retry_errors=False)
+        assert st.files[0].skipped == 16 and not srv.requests and not st.complete
         st = run(pw, out, srv)
-        assert st.files[0].skipped == 16 and not srv.requests
-        st = run(pw, out, srv, retry_errors=True)
-        assert sorted(srv.counts()) == sorted(ids[:5])
-    recs2 = read(out)
-    assert sorted(r["idx"] for r in recs2) == sorted(ids) and not any("judge_error" in r for r in recs2)
-    assert st.files[0].judged == 5 and st.files[0].skipped == 11
+        assert sorted(srv.counts()) == sorted(failed) and set(srv.counts().values()) == {1}
+    recs2 = {r["idx"]: r for r in read(out)}
+    assert sorted(recs2) == sorted(ids) and {i for i, r in recs2.items() if "judge_error" in r} == errored - failed
+    assert st.files[0].judged == 2 and st.files[0].skipped == 14 and st.files[0].rejudged == {"with judge_error": 2}
+    assert st.complete and st.incomplete_reason() is None
 
 
 def _judge_cmd(pw, out, url, *extra):
@@ -269,13 +279,13 @@ def test_budget_caps_stop_cleanly_and_resume(tmp_path, capsys):
         srv.set_index(pairs)
         rc = judge.cli(base + ["--base-url", srv.base_url, "--concurrency", "3", "--max-requests", "5"])
         captured = capsys.readouterr().out
-        assert rc == 0 and "budget hit: max_requests=5" in captured and "7 pair(s) left" in captured
+        assert rc == 75 and "budget hit: max_requests=5" in captured and "7 pair(s) left" in captured
         assert len(srv.requests) == 5 and len(read(out)) == 5
 
         rc = judge.cli(base + ["--base-url", srv.base_url, "--concurrency", "1", "--max-tokens", "300"])
         captured = capsys.readouterr().out
         # 120 tokens per request: the third crosses 300, its verdict is kept, then it stops
-        assert rc == 0 and "budget hit: max_tokens=300" in captured
+        assert rc == 75 and "budget hit: max_tokens=300" in captured
         assert len(srv.requests) == 8 and len(read(out)) == 8
 
         assert judge.cli(base + ["--base-url", srv.base_url]) == 0
@@ -291,7 +301,7 @@ def test_api_key_is_used_but_never_written_or_logged(tmp_path):
         srv.set_index(pairs)
         res = subprocess.run(_judge_cmd(pw, out, srv.base_url), cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=120)
-        assert res.returncode == 0, res.stderr
+        assert res.returncode == 75, res.stderr  # the echo_auth 400 leaves one verdict with judge_error
         assert {r["auth"] for r in srv.requests} == {f"Bearer {SECRET}"}  # the judge's key, from the env
         # a fatal 401 (bad key: bad config) stops the run with exit 2 and a clean message
         out401 = tmp_path / "judged401.jsonl"
@@ -364,6 +374,80 @@ def test_two_judges_on_one_out_file_are_refused(tmp_path):
             first.wait()
         run(pw, out, srv)  # the lock died with the killed process: resume works
     assert sorted(r["idx"] for r in read(out)) == sorted(p["idx"] for p in pairs)
+
+
+def _no_flock(monkeypatch):
+    """A filesystem without flock, as Lustre mounted without -o flock answers it."""
+    import errno
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_without_flock_a_pid_lock_file_guards_the_out_file(tmp_path, monkeypatch):
+    """flock failing with ENOSYS: the judge says so once and locks with an O_EXCL lock file holding
+    its pid and host, removed at the end; a live holder's lock is refused naming the file to delete
+    if stale, a dead holder's (same host) is taken over, another host's is refused."""
+    import socket
+
+    _no_flock(monkeypatch)
+    pw, pairs, _ = make_pairs(tmp_path, 6)
+    out = tmp_path / "judged.jsonl"
+    lock = tmp_path / ".judged.jsonl.pidlock"
+    with FakeOpenAIServer() as srv:
+        srv.set_index(pairs)
+        logs = []
+        st = run(pw, out, srv, log=logs.append)
+        assert st.complete and not lock.exists()
+        assert any("has no flock (ENOSYS" in m and ".judged.jsonl.pidlock" in m for m in logs), logs
+
+        out.unlink()
+        host = socket.gethostname()
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": host, "since": "2025-01-01T00:00:00"}))
+        with pytest.raises(DataError, match=rf"another hhdpo judge is writing it .*pid {os.getpid()} on host "
+                                            rf"{re.escape(host)}.*delete {re.escape(str(lock))}"):
+            run(pw, out, srv)
+        lock.write_text(json.dumps({"pid": 1, "host": "another-node", "since": "2025-01-01T00:00:00"}))
+        with pytest.raises(DataError, match="pid 1 on host another-node"):
+            run(pw, out, srv)
+        assert not srv.requests[6:] and lock.exists()
+
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()  # a judge killed with SIGKILL on this host leaves its lock behind
+        lock.write_text(json.dumps({"pid": dead.pid, "host": host, "since": "2025-01-01T00:00:00"}))
+        logs = []
+        st = run(pw, out, srv, log=logs.append)
+        assert st.complete and not lock.exists()
+        assert any(f"stale lock of pid {dead.pid}" in m for m in logs), logs
+    assert sorted(r["idx"] for r in read(out)) == sorted(p["idx"] for p in pairs)
+
+
+def test_without_flock_the_command_line_has_no_traceback(tmp_path):
+    """`hhdpo judge` where flock raises ENOSYS: judges (exit 0) with the notice on stderr; with a
+    lock file of a judge on another node: exit 2 and the message, no traceback."""
+    pw, pairs, _ = make_pairs(tmp_path, 4)
+    out = tmp_path / "judged.jsonl"
+    wrapper = ("import errno, fcntl, sys\n"
+               "def flock(fd, op): raise OSError(errno.ENOSYS, 'Function not implemented')\n"
+               "fcntl.flock = flock\n"
+               "from hhdpo.evaluation import judge\n"
+               "sys.exit(judge.cli(sys.argv[1:]))\n")
+    with FakeOpenAIServer() as srv:
+        srv.set_index(pairs)
+        cmd = [sys.executable, "-c", wrapper, *_judge_cmd(pw, out, srv.base_url, "--no-progress")[3:]]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 0, r.stderr
+        assert "has no flock (ENOSYS: Function not implemented)" in r.stderr and "Traceback" not in r.stderr
+        lock = tmp_path / ".judged.jsonl.pidlock"
+        lock.write_text(json.dumps({"pid": 4242, "host": "n9", "since": "2025-01-01T00:00:00"}))
+        r = subprocess.run([*cmd, "--retry-errors"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"lock file {lock}: pid 4242 on host n9" in r.stderr and f"delete {lock} and rerun" in r.stderr
+    assert len(read(out)) == 4
 
 
 def test_offline_default_serves_locally_and_stops(tmp_path, monkeypatch, capsys):

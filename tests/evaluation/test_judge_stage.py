@@ -4,6 +4,10 @@ exit codes. Runs against tests/fake_responses_server.py through the real `openai
 
 import asyncio
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +15,8 @@ from hhdpo.evaluation.judge_api import JudgeFatal, is_openai_api, make_client
 from tests.conftest import run_cli
 from tests.fake_responses_server import FakeOpenAIServer
 from tests.judge_helpers import make_pairs, read, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 OPENAI_SECRET = "sk-openai-SECRET456"
 JUDGE_SECRET = "judge-key-SECRET789"
@@ -152,7 +158,9 @@ def test_config_and_overrides_in_any_order_judge_the_eval_files(tmp_path):
         cfg = _config(tmp_path, srv, model="from-the-config")
         r = run_cli("judge", "--config", cfg, "judge.model=overridden-by-the-flag", "--concurrency", "2",
                     "judge.max_retries=1", "--model", "fake-judge", "--backoff-base", "0.01", "--no-progress")
-        assert r.returncode == 0, r.stderr
+        # the errored verdict leaves the run incomplete: exit 75, saying so
+        assert r.returncode == 75, r.stderr
+        assert "INCOMPLETE (exit 75)" in r.stderr and "4 of 5 pairs judged, 0 missing, 1 with errors" in r.stderr
         assert {q["model"] for q in srv.requests} == {"fake-judge"}  # a flag wins over key=value
     policy = {x["idx"]: x for x in read(eval_dir / "policy_judged.jsonl")}
     base = {x["idx"]: x for x in read(eval_dir / "base_judged.jsonl")}
@@ -194,3 +202,183 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, case):
         assert not srv.requests
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert want in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- complete, or says it is not
+#
+# A run's eval directory as `hhdpo eval` leaves it before judging: policy (6 prompts) and base (3)
+# generations, the judge the fake server. With judge.concurrency=1 the pairs go in file order, so a
+# budget of 4 requests, with a 400 (never retried) on the first pair, leaves policy at 3 judged,
+# 1 error, 2 missing and base not started: 9 pairs, 3 judged, 1 error, 5 missing.
+
+PARTIAL = {"complete": False, "pairs": 9, "judged": 3, "errors": 1, "missing": 5}
+COMPLETE = {"complete": True, "pairs": 9, "judged": 9, "errors": 0, "missing": 0}
+
+
+def _eval_run(root, srv, *extra):
+    """(config file, eval dir): generations in the eval dir, pairwise files as `hhdpo pairwise` writes them."""
+    from hhdpo.core.io import atomic_write_text
+    from tests.fake_responses_server import hh_generation_records
+
+    ev = root / "run" / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for name, n in (("policy", 6), ("base", 3)):
+        gens = hh_generation_records(n, model_id=f"{name}_model")
+        atomic_write_text(ev / f"{name}_out.jsonl", "".join(json.dumps(g) + "\n" for g in gens))
+        pairs += [{"idx": g["idx"], "prompt": g["prompt"]} for g in gens]
+    srv.set_index(pairs)
+    cfg = root / "config.yaml"
+    cfg.write_text("\n".join([f"run_dir: {root / 'run'}", "HH_test:", "  HH_test_policy_out: eval/policy_out.jsonl",
+                              "  HH_test_base_out: eval/base_out.jsonl", "eval:", "  out_dir: eval", "judge:",
+                              f"  base_url: {srv.base_url}", "  model: fake-judge", "  concurrency: 1",
+                              "  max_retries: 0", *extra]) + "\n")
+    return cfg, ev, sorted({p["idx"] for p in pairs})
+
+
+def _job_done(cfg):
+    """`python -m hhdpo.launch.slurm job-done judge`: what judge.sbatch runs for the stage's marker."""
+    return subprocess.run([sys.executable, "-m", "hhdpo.launch.slurm", "job-done", "judge", "--config", str(cfg)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+
+
+def _totals(summary):
+    return {k: summary[k] for k in ("complete", "pairs", "judged", "errors", "missing")}
+
+
+def test_incomplete_judge_exits_75_summary_partial_no_marker_then_rerun_completes(tmp_path):
+    """`hhdpo judge` stopped by its budget with a verdict left as an error: exit 75 naming the counts,
+    `hhdpo summarize` labels the summary PARTIAL, the judge stage's marker is refused (job-done exits
+    75); a rerun without the budget judges only the missing and errored pairs, exits 0, and then the
+    summary is complete and the marker written."""
+    from hhdpo.core.config import load_config
+    from hhdpo.launch import slurm as hs
+
+    with FakeOpenAIServer() as srv:
+        cfg, ev, idxs = _eval_run(tmp_path, srv)
+        srv.faults = {idxs[0]: ["400"]}
+        assert run_cli("pairwise", "--config", cfg).returncode == 0
+        r = run_cli("judge", "--config", cfg, "--max-requests", "4", "--no-progress")
+        assert r.returncode == 75, r.stderr
+        assert "budget hit: max_requests=4" in r.stdout and "1 file(s) not started" in r.stdout
+        assert "INCOMPLETE (exit 75)" in r.stderr and "3 of 6 pairs judged, 2 missing, 1 with errors" in r.stderr
+        assert "Traceback" not in r.stderr and len(srv.requests) == 4
+
+        done = _job_done(cfg)
+        assert done.returncode == 75 and "judge incomplete, no completion marker" in done.stderr, done.stderr
+        assert "3 of 6 pairs judged" in done.stderr and "base_judged.jsonl: 0 of 3 pairs judged, 3 missing" in done.stderr
+        assert hs.read_marker(load_config(cfg), "judge") is None
+
+        s = run_cli("summarize", "--config", cfg)
+        assert s.returncode == 0 and "PARTIAL: 3 of 9 pairs judged, 5 missing, 1 with judge errors" in s.stderr
+        summary = json.loads((ev / "summary.json").read_text())
+        assert _totals(summary) == PARTIAL
+        cov = {f["label"]: f["coverage"] for f in summary["files"]}
+        assert cov == {"policy": {"pairs": 6, "judged": 3, "errors": 1, "invalid": 0, "missing": 2, "complete": False},
+                       "base": {"pairs": 3, "judged": 0, "errors": 0, "invalid": 0, "missing": 3, "complete": False}}
+        assert (ev / "summary.md").read_text().startswith("**PARTIAL: 3 of 9 pairs judged")
+
+        n = len(srv.requests)
+        r = run_cli("judge", "--config", cfg, "--no-progress")  # the fault is used up, no budget
+        assert r.returncode == 0, r.stderr
+        assert "INCOMPLETE" not in r.stdout + r.stderr
+        # only the errored and the missing pairs were requested, each once: 1 + 2 of policy, 3 of base
+        assert len(srv.requests) - n == 6 and srv.requests[n]["idx"] == idxs[0]
+        ok = _job_done(cfg)
+        assert ok.returncode == 0, ok.stderr
+        assert hs.is_complete(load_config(cfg), "judge")
+        assert run_cli("summarize", "--config", cfg).returncode == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert _totals(summary) == COMPLETE and not (ev / "summary.md").read_text().startswith("**PARTIAL")
+    assert {f["label"]: f["n"] for f in summary["files"]} == {"policy": 6, "base": 3}
+
+
+def test_eval_exits_75_with_a_partial_summary_then_a_rerun_completes(tmp_path, monkeypatch, capsys):
+    """`hhdpo eval` (generation stubbed: its outputs are in place) with the judge's budget too small:
+    summary.json/md/png written and labelled PARTIAL with the counts, exit 75; rerun: complete, exit 0."""
+    import hhdpo.evaluation.generate as gen
+    from hhdpo.core.config import run_paths
+    from hhdpo.evaluation import evaluate
+    from hhdpo.evaluation.summarize import describe_test, partial_note
+
+    monkeypatch.setattr(gen, "generate", lambda cfg, models, log=print: {m: run_paths(cfg).gen_out(m) for m in models})
+    with FakeOpenAIServer() as srv:
+        cfg, ev, idxs = _eval_run(tmp_path, srv)
+        srv.faults = {idxs[0]: ["400"]}
+        assert evaluate.cli(["--config", str(cfg), "judge.max_requests=4"]) == 75
+        err = capsys.readouterr().err
+        assert "hhdpo eval: INCOMPLETE (exit 75): PARTIAL: 3 of 9 pairs judged, 5 missing, 1 with judge errors" in err
+        summary = json.loads((ev / "summary.json").read_text())
+        assert _totals(summary) == PARTIAL
+        assert (ev / "summary.md").read_text().startswith("**PARTIAL")
+        assert (ev / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert partial_note(summary) and describe_test(summary["comparisons"][0])
+        assert len(srv.requests) == 4
+
+        assert evaluate.cli(["--config", str(cfg)]) == 0
+        assert len(srv.requests) == 10 and "INCOMPLETE" not in capsys.readouterr().err
+    summary = json.loads((ev / "summary.json").read_text())
+    assert _totals(summary) == COMPLETE and not (ev / "summary.md").read_text().startswith("**PARTIAL")
+
+
+def test_submitit_judge_job_fails_when_incomplete_and_completes_on_rerun(tmp_path):
+    """The submitit JudgeJob: an incomplete judge makes the job raise (its result is a failure, not
+    a summary) after writing the PARTIAL summary, with no marker; run again it returns the complete
+    summary and writes the marker."""
+    from hhdpo.core.config import load_config
+    from hhdpo.launch import slurm as hs
+    from hhdpo.launch.jobs import JudgeIncomplete, JudgeJob
+
+    with FakeOpenAIServer() as srv:
+        cfg, ev, idxs = _eval_run(tmp_path, srv, "  max_requests: 4")
+        srv.faults = {idxs[0]: ["400"]}
+        with pytest.raises(JudgeIncomplete, match=r"exit 75.*3 of 6 pairs judged, 2 missing, 1 with errors") as e:
+            JudgeJob()(str(cfg), ["policy", "base"])
+        assert e.value.exit_code == 75
+        assert _totals(json.loads((ev / "summary.json").read_text())) == PARTIAL
+        assert hs.read_marker(load_config(cfg), "judge") is None
+
+        cfg.write_text(cfg.read_text().replace("  max_requests: 4\n", ""))
+        summary = JudgeJob()(str(cfg), ["policy", "base"])
+        assert len(srv.requests) == 10
+    assert _totals(summary) == COMPLETE and hs.is_complete(load_config(cfg), "judge", ["policy", "base"])
+
+
+def test_judge_sbatch_fails_with_75_and_no_marker_then_a_rerun_completes(slurm_cluster, tmp_path):
+    """slurm/judge.sbatch on the local cluster: an incomplete judge still summarizes (PARTIAL), the
+    job exits 75 (FAILED, so an afterok dependent would not run) with no completion marker; the
+    resubmitted job completes it and writes the marker."""
+    import tempfile
+
+    from hhdpo.core.config import load_config
+    from hhdpo.launch import slurm as hs
+
+    root = Path(tempfile.mkdtemp(prefix="hhdpo-judge-sbatch-", dir="/tmp"))
+    root.chmod(0o755)
+    env = {k: v for k, v in slurm_cluster.env.items() if not k.startswith(("HHDPO_", "OPENAI_"))}
+    env.update(HHDPO_BIN=str(Path(sys.executable).parent), PYTHONUNBUFFERED="1")
+    script = REPO / "slurm" / "judge.sbatch"
+    with FakeOpenAIServer() as srv:
+        cfg, ev, idxs = _eval_run(root, srv, "  max_requests: 4")
+        srv.faults = {idxs[0]: ["400"]}
+        job = slurm_cluster.run("sbatch", "--parsable", "-o", root / "judge-%j.out", script, "--config", cfg,
+                                cwd=root, env=env).stdout.strip().split(";")[0]
+        state = slurm_cluster.wait_job(job, timeout=600)
+        out = (root / f"judge-{job}.out").read_text(errors="replace")
+        assert state == "FAILED", out[-4000:]
+        if slurm_cluster.accounting:
+            assert slurm_cluster.sacct(job)[0]["ExitCode"] == "75:0"
+        assert "judge incomplete (exit 75)" in out and "PARTIAL: 3 of 9 pairs judged" in out
+        assert _totals(json.loads((ev / "summary.json").read_text())) == PARTIAL
+        assert hs.read_marker(load_config(cfg), "judge") is None
+
+        cfg.write_text(cfg.read_text().replace("  max_requests: 4\n", ""))
+        job = slurm_cluster.run("sbatch", "--parsable", "-o", root / "judge-%j.out", script, "--config", cfg,
+                                cwd=root, env=env).stdout.strip().split(";")[0]
+        state = slurm_cluster.wait_job(job, timeout=600)
+        out = (root / f"judge-{job}.out").read_text(errors="replace")
+        assert state == "COMPLETED", out[-4000:]
+        assert len(srv.requests) == 10
+    assert _totals(json.loads((ev / "summary.json").read_text())) == COMPLETE
+    assert hs.is_complete(load_config(cfg), "judge")
+    shutil.rmtree(root, ignore_errors=True)

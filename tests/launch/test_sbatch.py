@@ -233,6 +233,135 @@ def _sbatch_train(cluster, cwd: Path, out: Path, overrides: list[str], *opts, en
     return p.stdout.strip().split(";")[0]
 
 
+# A stand-in for `hhdpo train` in the step (the batch script's own python calls, job-start and
+# job-done, are real): each rank says where it meets the others, then acts out FAKE_RANKS. Seconds
+# per job instead of minutes, for what the step itself must do.
+FAKE_HHDPO = r"""#!/bin/bash
+echo "fake rank $SLURM_PROCID of $SLURM_STEP_NUM_TASKS on $SLURMD_NODENAME: MASTER_ADDR=${MASTER_ADDR:-unset} cpus=${SLURM_CPUS_PER_TASK:-?} $1"
+case ${FAKE_RANKS:-} in
+    fail)  # rank 1 fails (once both run); rank 0 stands for a rank waiting in a collective
+        if [[ $SLURM_PROCID == 1 ]]; then sleep 2; echo "fake rank 1: failing"; exit 3; fi
+        sleep 300 && echo "fake rank 0: outlived the failed rank" ;;
+    stop42)  # attempt 0: the ranks stop together (exit 42), rank 1 a few seconds after rank 0
+        if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then
+            if [[ $SLURM_PROCID == 1 ]]; then sleep 3; echo "fake rank 1: checkpoint written"; fi
+            exit 42
+        fi ;;
+    signals)  # a stop signal: save for a few seconds, printing, then exit 0
+        for sig in TERM USR2; do
+            trap "trap '' TERM USR2; echo \"fake rank \$SLURM_PROCID: got $sig, saving\"; sleep 3;
+                  echo \"fake rank \$SLURM_PROCID: line printed after $sig\"; exit 0" "$sig"
+        done
+        echo "fake rank $SLURM_PROCID: ready"
+        while :; do sleep 0.2; done ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_bin(shared) -> Path:
+    """HHDPO_BIN with the fake hhdpo and the real python (a wrapper: a venv's python found by a
+    symlink elsewhere would not know its venv)."""
+    d = shared / "fakebin"
+    d.mkdir()
+    (d / "hhdpo").write_text(FAKE_HHDPO)
+    (d / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    for f in d.iterdir():
+        f.chmod(0o755)
+    return d
+
+
+def _fake_train(cluster, shared, fake_bin, hh_file, name: str, *opts, **env) -> tuple[str, Path, Path]:
+    """sbatch slurm/train.sbatch with the fake hhdpo; returns (job id, -o file, run_dir)."""
+    run = shared / name
+    e = _env(cluster.env, **env)
+    e["HHDPO_BIN"] = str(fake_bin)
+    job = _sbatch_train(cluster, shared, shared / f"{name}-%j.out", [f"run_dir={run}", f"dataset.dataset_name={hh_file}"],
+                        *opts, env=e)
+    return job, shared / f"{name}-{job}.out", run
+
+
+def test_train_ranks_meet_on_the_nodeaddr_and_a_failed_rank_ends_the_step(slurm_cluster, shared, fake_bin, hh_file):
+    """2 nodes x 1 rank: MASTER_ADDR is n1's NodeAddr (127.0.0.1 here; the name n1 resolves only
+    through this cluster's /etc/hosts line), and with --kill-on-bad-exit=1 rank 1 failing ends rank 0
+    (300 s in a "collective") at once: the job fails within seconds, not at the collective's timeout."""
+    c = slurm_cluster
+    addr = c.run("scontrol", "-o", "show", "node", "n1").stdout
+    assert " NodeAddr=127.0.0.1 " in addr, addr
+    job, out, _ = _fake_train(c, shared, fake_bin, hh_file, "fail", "-N", "2", FAKE_RANKS="fail")
+    assert c.wait_job(job, timeout=600) == "FAILED", _read(out)
+    text = _read(out)
+    for rank, node in ((0, "n1"), (1, "n2")):
+        assert f"fake rank {rank} of 2 on {node}: MASTER_ADDR=127.0.0.1 cpus=1 train" in text, text
+    assert "the ranks meet on 127.0.0.1 (the NodeAddr of n1)" in text
+    assert "outlived" not in text and "training step exited" in text, text
+    assert "fake rank 1: failing" in text, text
+    step = next(r for r in c.sacct(job, ("JobID", "Elapsed"), steps=True) if r["JobID"] == f"{job}.0")
+    h, m, sec = map(int, step["Elapsed"].split("-")[-1].split(":"))
+    assert h * 3600 + m * 60 + sec < 120, step
+
+
+def test_train_ranks_follow_the_gpus_not_the_headers_one_task_per_node(slurm_cluster, shared, fake_bin, hh_file):
+    """`sbatch --gpus-per-node=2 slurm/train.sbatch` keeps the header's --ntasks-per-node=1. This
+    cluster has no GPUs: SLURM_GPUS_ON_NODE=2 comes from the submitting environment (sbatch exports
+    it; slurmd sets it only for real GPUs). With one CPU on the node for the job, nothing starts:
+    exit 2 naming the options, before job-start and before any step. With --cpus-per-task=2 the
+    step runs 2 ranks of 1 CPU each on the one node."""
+    c = slurm_cluster
+    job, out, run = _fake_train(c, shared, fake_bin, hh_file, "gpus-short", SLURM_GPUS_ON_NODE="2")
+    job_ok, out_ok, _ = _fake_train(c, shared, fake_bin, hh_file, "gpus-ok", "--cpus-per-task=2", SLURM_GPUS_ON_NODE="2")
+    assert c.wait_job(job, timeout=600) == "FAILED", _read(out)
+    text = _read(out)
+    assert "2 GPU(s) per node make 2 rank(s) per node, but the job has 1 CPU(s) per node" in text, text
+    assert "add --ntasks-per-node=2 --cpus-per-task=N" in text, text
+    assert [r["JobID"] for r in c.sacct(job, ("JobID", "ExitCode"), steps=True)] == [job, f"{job}.batch"]
+    assert not (run / "slurm").exists()  # job-start never ran: no log directory, no marker removed
+    assert c.wait_job(job_ok, timeout=600) == "COMPLETED", _read(out_ok)
+    text = _read(out_ok)
+    assert "train: 2 rank(s) per node, one per GPU (the job has --ntasks-per-node=1), 1 CPU(s) each of the node's 2" in text
+    for rank in (0, 1):
+        assert re.search(rf"^fake rank {rank} of 2 on (n1|n2): MASTER_ADDR=127.0.0.1 cpus=1 train$", text, re.MULTILINE), text
+
+
+def test_ranks_stopping_with_42_are_no_bad_exit_and_the_job_requeues(slurm_cluster, shared, fake_bin, hh_file):
+    """42 is the ranks' agreed stop after one checkpoint saved together; a rank that gets there first
+    must not make --kill-on-bad-exit kill one still writing. The step counts as 42: requeued, and
+    the next attempt completes."""
+    c = slurm_cluster
+    job, out, _ = _fake_train(c, shared, fake_bin, hh_file, "stop42", "-N", "2", FAKE_RANKS="stop42")
+    assert c.wait_job(job, timeout=600) == "COMPLETED", _read(out)
+    text = _read(out)
+    assert "fake rank 1: checkpoint written" in text, text  # rank 0 had exited 42 three seconds before
+    assert "training step: 2 of 2 rank(s) exited 42" in text and "preemption; requeueing" in text, text
+    assert f"train: job {job} attempt 1 on n1,n2" in text and "train complete" in text, text
+
+
+@pytest.mark.parametrize("sig", ["USR2", "TERM"])
+def test_lines_printed_after_a_stop_signal_reach_both_logs(slurm_cluster, shared, fake_bin, hh_file, sig):
+    """A signal to the whole job (`scancel --full`; a time limit's SIGTERM) reaches every process
+    of the batch step too, its tee included: what comes out of the step after it must still reach
+    the -o file (tee's stdout) and the attempt log. USR2: srun passes it on, the ranks save and say
+    so. SIGTERM: srun answers it by SIGKILLing the step (what srun does; why the stop signal must
+    reach the ranks, not the batch step: --signal=USR2@300 without B:); its own lines remain."""
+    c = slurm_cluster
+    job, out, run = _fake_train(c, shared, fake_bin, hh_file, f"signals-{sig}", "--ntasks-per-node=2", FAKE_RANKS="signals")
+    log = run / "slurm" / "logs" / f"train-{job}-attempt0.log"
+    c.wait_for(lambda: _read(log).count(": ready") == 2 or c.job_state(job) not in (None, "PENDING", "RUNNING"), 600,
+               f"job {job}: both ranks ready")
+    c.run("scancel", "--full", f"--signal={sig}", job)
+    state = c.wait_job(job, timeout=300)
+    if sig == "USR2":
+        assert state == "COMPLETED", _read(out)
+        after = [f"fake rank {r}: {what}" for r in (0, 1) for what in ("got USR2, saving", "line printed after USR2")]
+    else:
+        assert state == "FAILED", _read(out)
+        after = ["srun: forcing job termination", "tasks 0-1: Killed"]
+    for text in (_read(out), _read(log)):
+        for line in after:
+            assert line in text, text
+    assert f"batch shell: got SIG{sig} while the training step ran" in _read(out)
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, shared, tiny, hh_file):
     """Every job of the cluster tests, submitted at once; SLURM runs them side by side as the four
@@ -268,7 +397,7 @@ def jobs(slurm_cluster, shared, tiny, hh_file):
         pre = ids["preempted"]
         c.wait_for(lambda: _steps_logged(runs["preempted"]) >= 2 or c.job_state(pre) not in (None, "PENDING", "RUNNING"),
                    600, f"job {pre} at step 2")
-        c.run("scancel", "--signal=USR2", pre)
+        c.run("scancel", "--full", "--signal=USR2", pre)  # the batch step too: its tee must outlive USR2
 
     def shorten_time_limit():
         job = ids["timeout"]
@@ -324,6 +453,7 @@ def test_usr2_mid_run_requeues_itself_and_resumes_with_the_same_losses(slurm_clu
     m = re.search(r"\[train\] preempted at step (\d+): checkpoint saved", text)
     assert m and 2 <= int(m.group(1)) < STEPS, text[-4000:]
     assert "preemption; requeueing" in text and "timeout;" not in text
+    assert "batch shell: got SIGUSR2 while the training step ran" in text  # tee got it too, and the lines still came
     assert re.search(rf"\[ckpt\] resumed from .*step_{int(m.group(1)):07d} at step {m.group(1)}", text), text[-4000:]
     # two attempts, each with its own log, and the -o file holding both
     logs = _attempt_logs(run, "train", job)
