@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import service_groups
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: the local SLURM cluster)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,26 +97,27 @@ def vllm_judge(tmp_path_factory):
     shared.stop()
 
 
-# Under pytest-xdist (make test: -n 2 --dist loadgroup) the tests that wait on a service form one group
-# each, run one after another on one worker, which starts that service once for them (session fixtures
-# are per worker); the other worker runs the compute tests meanwhile. The SLURM tests stay in one group
-# because they size their jobs to the whole 2-node cluster.
-SERVICE_GROUPS = {"engine": "docker", "slurm_cluster": "slurm", "vllm_judge": "vllm-judge"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist appends each test's group to its node id
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """Group the service tests for xdist (above), and run the tests that use ``vllm_judge`` one after
-    another (from where the first one is), so the shared server is up only while they run. Every
-    other test keeps its order."""
-    if config.pluginmanager.hasplugin("xdist"):
-        for it in items:
-            names = getattr(it, "fixturenames", ())
-            group = next((g for f, g in SERVICE_GROUPS.items() if f in names), None)
-            if group and it.get_closest_marker("xdist_group") is None:
-                it.add_marker(pytest.mark.xdist_group(group))
+    """Group the service tests for xdist (tests/service_groups.py), and run the tests that use
+    ``vllm_judge`` one after another (from where the first one is), so the shared server is up
+    only while they run. Every other test keeps its order."""
+    service_groups.mark(config, items)
     users = [it for it in items if "vllm_judge" in getattr(it, "fixturenames", ())]
     if len(users) > 1:
         first = items.index(users[0])
         rest = [it for it in items if it not in users]
         items[:] = rest[:first] + users + rest[first:]
+
+
+def pytest_configure(config):
+    service_groups.configure(config)
+
+
+def pytest_unconfigure(config):
+    service_groups.unconfigure(config)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist does not know it
+def pytest_xdist_make_scheduler(config, log):
+    return service_groups.make_scheduler(config, log)

@@ -250,11 +250,106 @@ def tokenize_pair(pair: Pair, tokenizer, max_len: int, max_prompt_len: int | Non
     return {"prompt_ids": p, "chosen_ids": c[:budget], "rejected_ids": r[:budget]}
 
 
+_CHUNK = 512  # pairs per batched tokenizer call (its Rust side encodes a batch on every core it may use)
+_CHECKED = 8  # pairs of each call whose shared-head ids are compared with whole-text ids first
+
+
 def tokenize_pairs(pairs: list[Pair], tokenizer, cfg_dataset, progress: bool = False) -> list[dict]:
+    """:func:`tokenize_pair` of every pair, the same ids, in about half its CPU time.
+
+    Measured (SmolLM2, HH harmless-base test, max_len 512): tokenizing took 82% of tokenize_pair's
+    time, and 83% of the text tokenized was the prompt, three times (alone, before each response).
+    Here the prompt's text up to its last added token (the generation prompt's ``<|im_start|>``)
+    is tokenized once and the three rendered texts only from there, batched per chunk. A fast
+    tokenizer splits text at added tokens before normalizing and pre-tokenizing, so these are the
+    whole texts' ids; each call checks its first pairs against whole-text ids, and a difference
+    (pieces that depend on their position) sends every pair through whole texts instead.
+    """
     from tqdm.auto import tqdm
 
-    it = tqdm(pairs, desc="tokenize", disable=not progress, leave=False)
-    return [tokenize_pair(p, tokenizer, cfg_dataset.max_len, cfg_dataset.max_prompt_len, cfg_dataset.use_chat_template) for p in it]
+    ds = cfg_dataset
+    state = {"blank": {}, "heads": _head_marks(tokenizer) if ds.use_chat_template else None}
+    out: list[dict] = []
+    with tqdm(total=len(pairs), desc="tokenize", disable=not progress, leave=False) as bar:
+        for s in range(0, len(pairs), _CHUNK):
+            chunk = pairs[s:s + _CHUNK]
+            rows = (_chat_rows(chunk, tokenizer, state) if ds.use_chat_template else _plain_rows(chunk, tokenizer))
+            out += [_finish(pair, tokenizer, p, c, r, ds.max_len, ds.max_prompt_len, ds.use_chat_template)
+                    for pair, (p, c, r) in zip(chunk, rows)]
+            bar.update(len(chunk))
+    return out
+
+
+def _head_marks(tokenizer) -> tuple[str, ...]:
+    """Added tokens the text may be cut after: always their own piece, whatever follows them."""
+    if not getattr(tokenizer, "is_fast", False):
+        return ()
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
+                 if t.content and not (t.rstrip or t.single_word or t.normalized))
+
+
+def _encode(tokenizer, texts: list[str], special: bool = False) -> list[list[int]]:
+    return list(tokenizer(texts, add_special_tokens=special)["input_ids"]) if texts else []
+
+
+def _chat_rows(pairs: list[Pair], tok, state: dict) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt ids, chosen ids, rejected ids) of each pair, the responses trimmed after their end of turn."""
+    pt = tok.apply_chat_template([p.prompt_messages for p in pairs], add_generation_prompt=True, tokenize=False)
+    ct = tok.apply_chat_template([p.prompt_messages + p.chosen_messages for p in pairs], tokenize=False)
+    rt = tok.apply_chat_template([p.prompt_messages + p.rejected_messages for p in pairs], tokenize=False)
+    cuts = [_cut(state["heads"], *texts) for texts in zip(pt, ct, rt)]
+    heads = _encode(tok, [p[:j] for p, j in zip(pt, cuts)])
+    tails = _encode(tok, [t[j:] for texts, j in zip(zip(pt, ct, rt), cuts) for t in texts])
+    full = [[h + t for t in tails[3 * i:3 * i + 3]] for i, h in enumerate(heads)]
+    if state.setdefault("checked", 0) < _CHECKED and state["heads"]:
+        k = min(len(pairs), _CHECKED - state["checked"])
+        whole = _encode(tok, [t for texts in zip(pt[:k], ct[:k], rt[:k]) for t in texts])
+        state["checked"] += k
+        if whole != [ids for row in full[:k] for ids in row]:
+            state["heads"] = ()  # not split at added tokens this way: whole texts from now on
+            return _chat_rows(pairs, tok, state)
+    return [(p, _response(fc, p, tok, state["blank"]), _response(fr, p, tok, state["blank"])) for p, fc, fr in full]
+
+
+def _cut(marks: tuple[str, ...], prompt: str, chosen: str, rejected: str) -> int:
+    """Where the prompt's text ends its last added token (0: none), if both full texts start with it."""
+    j = max((prompt.rfind(m) + len(m) for m in marks if m in prompt), default=0)
+    return j if chosen.startswith(prompt[:j]) and rejected.startswith(prompt[:j]) else 0
+
+
+def _response(full: list[int], p: list[int], tok, blank: dict[int, bool]) -> list[int]:
+    """:func:`response_ids` from the full conversation's ids, whitespace decodes remembered."""
+    if full[:len(p)] != p:
+        raise DataError("chat template does not render the prompt as a prefix of prompt+response")
+    ids = full[len(p):]
+    while ids and ids[-1] != tok.eos_token_id:
+        last = ids[-1]
+        if last not in blank:
+            blank[last] = tok.decode([last]).strip() == ""
+        if not blank[last]:
+            break
+        ids = ids[:-1]
+    return ids
+
+
+def _plain_rows(pairs: list[Pair], tok) -> list[tuple[list[int], list[int], list[int]]]:
+    """Without a chat template: the raw HH prompt (with BOS), each response after a space, then EOS."""
+    prompts = _encode(tok, [p.prompt for p in pairs], special=True)
+    resp = _encode(tok, [" " + getattr(p, w) for p in pairs for w in ("chosen", "rejected")])
+    eos = [tok.eos_token_id]
+    return [(p, resp[2 * i] + eos, resp[2 * i + 1] + eos) for i, p in enumerate(prompts)]
+
+
+def _finish(pair: Pair, tok, p: list[int], c: list[int], r: list[int], max_len: int, max_prompt_len: int | None,
+            use_chat_template: bool) -> dict:
+    """The rest of :func:`tokenize_pair`, from its whole-prompt ids."""
+    limit = prompt_limit(len(p), max(len(c), len(r)), max_len, max_prompt_len or max_len // 2)
+    if len(p) > limit:
+        msgs, p = fit_prompt(pair, tok, limit, use_chat_template)
+        c = response_ids(pair, "chosen", tok, p, use_chat_template, msgs)
+        r = response_ids(pair, "rejected", tok, p, use_chat_template, msgs)
+    budget = max_len - len(p)
+    return {"prompt_ids": p, "chosen_ids": c[:budget], "rejected_ids": r[:budget]}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -66,7 +66,7 @@ def export_torch_env() -> tuple[int, dict]:
     """RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address of this task (submitit's
     ``TorchDistributedEnvironment``), the port from the job id as ``hhdpo.core.distenv`` picks it.
     Returns (rank, the variables' previous values) so that an in-process (debug) job can restore them."""
-    from hhdpo.core.distenv import rendezvous_port
+    from hhdpo.core.distenv import node_addr, rendezvous_port
 
     saved = {k: os.environ.get(k) for k in DIST_VARS}
     env = submitit.JobEnvironment()
@@ -75,6 +75,8 @@ def export_torch_env() -> tuple[int, dict]:
     dist = submitit.helpers.TorchDistributedEnvironment()
     if env.num_nodes == 1:
         dist.master_addr = "127.0.0.1"  # one node: no name to resolve
+    else:  # the first node's NodeAddr: its NodeName may resolve only through a test cluster's /etc/hosts
+        dist.master_addr = node_addr(dist.master_addr)
     dist.export(set_cuda_visible_devices=False, overwrite=True)
     _threads(env.num_tasks // max(1, env.num_nodes))
     return env.global_rank, saved

@@ -19,7 +19,7 @@ from hhdpo.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, BadInput,
 from hhdpo.core.io import DataError, atomic_write_json
 from hhdpo.core.models import cache_dir, load_tokenizer, resolve_model
 from hhdpo.data.batching import rank_batches
-from hhdpo.data.hh import load_pairs, tokenize_pairs, train_val_split
+from hhdpo.data.hh import load_pairs, train_val_split
 from hhdpo.training import rank0
 from hhdpo.training.checkpoint import kept_run_state
 from hhdpo.training.forward import pair_batch, response_logps
@@ -36,6 +36,7 @@ from hhdpo.training.ref_logps import cached_or_computed, compute_all, ref_cache_
 from hhdpo.training.runtime import build_model, resolve_runtime
 from hhdpo.training.schedule import schedule, schedule_line, schedule_warnings
 from hhdpo.training.tail import TailTest
+from hhdpo.training.token_cache import tokenized_pairs
 from hhdpo.training.train_state import TrainStateMixin
 
 
@@ -117,11 +118,12 @@ class DPOTrainer(TrainStateMixin):
 
         self._fetch_hub_models()  # once per node, before anything loads them; the others wait for the outcome
 
-        # data: every rank parses and tokenizes (cheap); indices decide who trains on what
+        # data: every rank parses; each tokenizes its share once per run (hhdpo.training.token_cache); indices decide who trains on what
         self.tokenizer = load_tokenizer(cfg.policy_model, cfg.trust_remote_code)
         ds = cfg.dataset
         pairs, _ = load_pairs(ds.dataset_name, ds.subset, ds.data_dirs, log=self._log)
-        self.examples = tokenize_pairs(pairs, self.tokenizer, ds, progress=self.is_main)
+        self.examples = tokenized_pairs(pairs, self.tokenizer, ds, self.paths.save / "cache", self.device,
+                                        log=self._log, progress=self.is_main)
         self.train_idx, self.val_idx = train_val_split(len(pairs), ds.val_ratio, ds.seed)
         per_rank = len(self.train_idx) // self.world // t.batch_size
         self.steps_per_epoch = per_rank // t.gradient_accumulation_steps

@@ -9,7 +9,6 @@ variables, the attempt log, the completion marker, and no secret on a command li
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -188,21 +187,23 @@ def test_bad_binds_and_missing_runtimes_are_errors(box):
 @pytest.mark.parametrize("mode", ["apptainer", "pyxis"])
 def test_a_container_job_runs_every_python_call_inside(box, mode):
     """The judge job for real with a fake runtime: job-start's paths reach the batch shell, the
-    stages and the marker run through the container, the key through the environment only."""
+    stages and job-done run through the container, the key through the environment only. The fake
+    judge judges nothing, so job-done finds the stage incomplete: exit 75 and no marker."""
     runtime = "apptainer" if mode == "apptainer" else "srun"
     _write_exe(box / "stub" / runtime, FAKE_RUNTIME)
     log = box / "runtime.log"
     env = _env(box, mode, SLURM_CPUS_ON_NODE="2", FAKE_LOG=str(log), HOST_BIN=BIN, HF_HOME=str(box / "hf"),
                HHDPO_CACHE=str(box / "cache"))
     p = _run("judge", env, *ARGS, cwd=box / "work")
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 75, p.stdout + p.stderr
     run = box / "work" / "runs" / "golden"
     for stage in ("pairwise", "judge", "summarize", "report"):
         assert f"fake hhdpo {stage} in {box / 'work'}" in p.stdout
     assert f"(run_dir {run})" in p.stdout
     (attempt,) = (run / "slurm" / "logs").glob("judge-4242-attempt0.log")
     assert "fake hhdpo summarize" in attempt.read_text()
-    assert json.loads((run / "slurm" / "done" / "judge.json").read_text())["job_id"] == "4242"
+    assert "judge incomplete, no completion marker (exit 75)" in p.stdout + p.stderr
+    assert not (run / "slurm" / "done").exists()
     calls = log.read_text().splitlines()
     assert len(calls) == (6 if mode == "apptainer" else 7)  # pyxis: `srun --help` first
     assert all(SECRET not in c for c in calls)

@@ -128,7 +128,7 @@ def _hhdpo(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
 def test_dry_run_renders_the_sbatch_file(tmp_path, mode):
     """Golden files (HHDPO_UPDATE_GOLDEN=1 rewrites them) pin what submitit would submit for a
     2-node x 8-GPU training in each container mode."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HHDPO_SIF", "HHDPO_IMAGE", "HHDPO_BINDS", "HF_HOME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("HHDPO_SIF", "HHDPO_IMAGE", "HHDPO_BINDS", "HF_HOME", "HHDPO_CACHE")}
     if mode == "apptainer":
         (tmp_path / "hhdpo.sif").write_bytes(b"")
         env["HHDPO_SIF"] = str(tmp_path / "hhdpo.sif")

@@ -1,0 +1,87 @@
+"""Service groups for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``).
+
+The tests that wait on a service form one group each, by the fixture they use: every test using
+``engine`` (the Docker engine, tests/test_container.py) is in group ``docker``, ``slurm_cluster``
+in ``slurm``, ``vllm_judge`` in ``vllm-judge``. A group runs on one worker, one test after another,
+so its session fixture starts the service once (session fixtures are per worker) and the SLURM
+tests never compete for the 2-node cluster; the other worker runs the compute tests meanwhile.
+
+xdist's own ``xdist_group`` grouping appends the group to each node id on the workers, which
+pytest 9.2 no longer allows (pytest-dev/pytest-xdist#1386: the marks are silently ignored). So the
+workers write their ``{node id: group}`` map to a file, and the controller's scheduler, a
+``LoadGroupScheduling`` that reads it, puts each group in one work unit; a test without a group
+is a unit of its own, as in ``--dist load``. The marks are still added, so a fixed xdist also works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+GROUPS = {"engine": "docker", "slurm_cluster": "slurm", "vllm_judge": "vllm-judge"}
+ENV = "HHDPO_XDIST_GROUPS"  # the directory the workers write their maps to (set by the controller)
+
+
+def group_of(item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    return next((g for fixture, g in GROUPS.items() if fixture in names), None)
+
+
+def configure(config) -> None:
+    """On the controller of an xdist run: a fresh directory for the maps, inherited by the workers."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    os.environ[ENV] = tempfile.mkdtemp(prefix="hhdpo-xdist-groups-")
+
+
+def mark(config, items) -> None:
+    """On a worker: mark each service test with its group and write the map for the controller."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    groups = {}
+    for it in items:
+        group = group_of(it)
+        if group:
+            groups[it.nodeid] = group
+            if it.get_closest_marker("xdist_group") is None:
+                it.add_marker(pytest.mark.xdist_group(group))
+    out = os.environ.get(ENV)
+    if out and hasattr(config, "workerinput"):
+        tmp = Path(out) / f".{config.workerinput['workerid']}.json"
+        tmp.write_text(json.dumps(groups))
+        tmp.replace(Path(out) / f"{config.workerinput['workerid']}.json")
+
+
+def make_scheduler(config, log):
+    if getattr(config.option, "dist", "no") != "loadgroup" or not os.environ.get(ENV):
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ServiceGroupScheduling(LoadGroupScheduling):
+        """loadgroup with the groups read from the workers' maps (see the module's doc)."""
+
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:  # first called once every worker has collected
+                self._groups = {}
+                for f in sorted(Path(os.environ[ENV]).glob("*.json")):
+                    self._groups.update(json.loads(f.read_text()))
+            group = self._groups.get(nodeid)
+            return group if group else super()._split_scope(nodeid)
+
+    return ServiceGroupScheduling(config, log)
+
+
+def unconfigure(config) -> None:
+    out = os.environ.get(ENV)
+    if out and not hasattr(config, "workerinput"):
+        shutil.rmtree(out, ignore_errors=True)
+        os.environ.pop(ENV, None)
