@@ -38,7 +38,7 @@ STAMP   := $(VENV)/.hhdpo-stamp
 # Each target that runs hhdpo here first makes the venv and the model (none of it for DOCKER=1: the image has both)
 READY   := $(if $(filter 1,$(DOCKER)),,$(STAMP) model)
 # make test: pytest-xdist workers; the tests that wait on SLURM, Docker or the vLLM judge form one group each
-# (tests/conftest.py), run on one worker beside the compute tests on the other. 0: one process, no xdist.
+# (tests/service_groups.py), run on one worker beside the compute tests on the other. 0: one process, no xdist.
 TEST_WORKERS ?= 2
 XDIST   := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 # more pytest options for make test, e.g. make test PYTEST_ARGS="-x -k slurm"
@@ -48,12 +48,14 @@ ifneq ($(strip $(HH_DATA)),)
 DATA_ARGS := dataset.dataset_name=$(HH_DATA) HH_test.hh_test=$(HH_DATA)
 endif
 
-.PHONY: setup model test test-fast train demo eval submit bench bench-pipeline bench-gpu clean
+.PHONY: FORCE setup model test test-fast train demo eval submit bench bench-pipeline bench-gpu clean
 
 setup: $(STAMP) model
 
-# the pins are prerequisites even under PINS= (newest releases), so that `make lock` is followed by a reinstall
-$(STAMP): pyproject.toml $(if $(filter cpu,$(EXTRA)),docker/requirements-cpu.txt docker/requirements-test.txt)
+# The pins are prerequisites even under PINS= (newest releases), so that `make lock` is followed by a
+# reinstall; PINS or EXTRA given on the command line (`make setup PINS=`) reinstall whatever the stamp says.
+$(STAMP): pyproject.toml $(if $(filter cpu,$(EXTRA)),docker/requirements-cpu.txt docker/requirements-test.txt) \
+		$(if $(findstring command line,$(origin PINS) $(origin EXTRA)),FORCE)
 	@$(PYTHON) -m venv $(VENV) || { echo "make: $(PYTHON) cannot make a venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PY) -m pip install -q $(PINS) --upgrade pip
 	$(PY) -m pip install $(PINS) $(TORCH_FROM) -e '.[$(EXTRA),dev]'

@@ -1,8 +1,11 @@
 """Host memory per rank while training (policy + live reference + gradients + AdamW), on CPU.
 
 Each configuration runs in fresh torchrun workers (gloo, fp32); every rank builds the real
-DPOTrainer on SmolLM2-135M-Instruct (``smollm2``) and HH pairs, then runs optimizer steps
-through ``DPOTrainer.train_step`` (no checkpoint or export, which gather the model). Per rank:
+DPOTrainer on SmolLM2-135M-Instruct (``smollm2``) and HH pairs, then runs the same micro-batches
+(16 per rank by default) through ``DPOTrainer.train_step``: 16 optimizer steps at accumulation 1,
+two at 8, so both peaks cover the same longest micro-batch, and micro-batches that run with the
+AdamW state already allocated (it comes at the first step; with one step at accumulation 8 no
+micro-batch would). No checkpoint or export, which gather the model. Per rank:
 
     base      RSS after the imports and the process group, before the trainer
     setup     RSS once the trainer is built (tokenizer, data, policy, reference)
@@ -17,8 +20,8 @@ Configurations: 1 process (unwrapped) and 2 FSDP ranks, accumulation 1 and 8, an
 ``dpo_training.defer_grad_sync: true`` (gradients kept unsharded until the last micro-batch).
 Prints the per-rank figures and the ratios side by side. Not a test.
 
-    python bench/train_memory.py              # ~5-10 min on 2 cores
-    python bench/train_memory.py --steps 2 --model <dir>
+    python bench/train_memory.py              # ~20 min on 2 cores
+    python bench/train_memory.py --micro-batches 32 --batch-size 2 --model <dir>
 """
 
 from __future__ import annotations
@@ -65,25 +68,27 @@ def worker(args) -> None:
     base = _rss()
     cfg = load_config(REPO / "configs/smollm2_cpu.yaml", [
         f"policy_model={args.model}", f"ref_model={args.model}", f"dataset.dataset_name={args.data}",
-        "dataset.subset=train[:256]", "dataset.val_ratio=0", "dataset.max_len=192", "dataset.max_prompt_len=128",
+        "dataset.subset=train[:256]", "dataset.val_ratio=0", f"dataset.max_len={args.max_len}",
+        f"dataset.max_prompt_len={args.max_len * 2 // 3}",
         f"dpo_training.batch_size={args.batch_size}", f"dpo_training.gradient_accumulation_steps={args.accum}",
         f"dpo_training.defer_grad_sync={str(args.defer).lower()}", "dpo_training.group_by_length=false",
-        f"dpo_training.max_steps={args.steps}", f"dpo_training.save_dir={args.out}/run-{args.name}",
+        f"dpo_training.max_steps={args.micro_batches // args.accum}", f"dpo_training.save_dir={args.out}/run-{args.name}",
         "checkpoint.save_steps=0", "checkpoint.resume=never", "tail_test.enabled=false"])
     tr = DPOTrainer(cfg)
     setup = _rss()
     t = cfg.dpo_training
     batches = rank_batches(len(tr.train_idx), t.batch_size, tr.rank, tr.world, 0, cfg.dataset.seed)
     t0 = time.perf_counter()
+    steps = args.micro_batches // args.accum
     with PeakRSS() as mem:
-        for s in range(args.steps):
+        for s in range(steps):
             tr.train_step([[int(tr.train_idx[i]) for i in b] for b in batches[s * args.accum:(s + 1) * args.accum]])
     seconds = time.perf_counter() - t0
     held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in tr.policy.parameters())
     total = sum(p.numel() for p in tr.policy.parameters())  # a DTensor's numel is the whole tensor's
     Path(args.out, f"{args.name}_rank{tr.rank}.json").write_text(json.dumps({
         "base": base, "setup": setup, "peak": mem.peak, "start": mem.start, "hwm_reset": mem.hwm_reset,
-        "policy_params_held": held, "policy_params": total, "seconds": seconds}))
+        "policy_params_held": held, "policy_params": total, "seconds": seconds, "steps": steps}))
     tr.logger.close()
     dist.destroy_process_group()
 
@@ -94,7 +99,8 @@ def run(name: str, ranks: int, accum: int, defer: bool, a, out: Path) -> list[di
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     tag = name.replace(" ", "").replace(",", "_")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", __file__,
-           "--worker", "--name", tag, "--accum", str(accum), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+           "--worker", "--name", tag, "--accum", str(accum), "--micro-batches", str(a.micro_batches),
+           "--batch-size", str(a.batch_size), "--max-len", str(a.max_len),
            "--model", a.model, "--data", a.data, "--out", str(out)] + (["--defer"] if defer else [])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -108,8 +114,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="model spec (default: the smollm2 alias)")
     ap.add_argument("--data", default=None, help="HH .jsonl.gz (default: $HH_DATA or ../shared/data/hh-rlhf)")
-    ap.add_argument("--steps", type=int, default=2, help="optimizer steps measured per configuration")
-    ap.add_argument("--batch-size", type=int, default=2, help="pairs per rank per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=16, help="micro-batches per rank (a multiple of 16)")
+    ap.add_argument("--batch-size", type=int, default=1, help="pairs per rank per micro-batch")
+    ap.add_argument("--max-len", type=int, default=128, help="dataset.max_len (prompt + response tokens)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
     ap.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)
@@ -128,8 +135,8 @@ def main(argv=None) -> int:
         d = Path(os.environ.get("HH_DATA") or REPO.parent / "shared" / "data" / "hh-rlhf")
         a.data = str(d / "harmless-base-test.jsonl.gz" if d.is_dir() else d)
     a.model = resolve_model(a.model)
-    print(f"# torch {torch.__version__}, {os.cpu_count()} cores; model {a.model}; batch {a.batch_size} pairs per rank "
-          f"per micro-batch, {a.steps} optimizer steps; fp32, gloo, live reference", flush=True)
+    print(f"# torch {torch.__version__}, {os.cpu_count()} cores; model {a.model}; {a.micro_batches} micro-batches of "
+          f"{a.batch_size} pair(s) per rank, max_len {a.max_len}; fp32, gloo, live reference", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="train-memory-") as tmp:
         for name, (ranks, accum, defer) in CONFIGS.items():
@@ -137,13 +144,13 @@ def main(argv=None) -> int:
     n = results["1 process, accum 1"][0]["policy_params"]
     print(f"\n# policy parameters N = {n / 1e6:.1f}M: 4 B x N = {4 * n / GB:.2f} GB per fp32 copy "
           "(master weights, gradients, reference; AdamW 2 copies)")
-    print("\n| configuration | rank | policy params held | base GB | setup GB | training peak GB | used (peak - base) GB | training added (peak - setup) GB | s/step |")
+    print("\n| configuration | rank | policy params held | base GB | setup GB | training peak GB | used (peak - base) GB | training added (peak - setup) GB | s/micro-batch |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, ranks in results.items():
         for r, x in enumerate(ranks):
             print(f"| {name} | {r} | {x['policy_params_held'] / 1e6:.1f}M | {x['base'] / GB:.2f} | {x['setup'] / GB:.2f} | "
                   f"{x['peak'] / GB:.2f} | {(x['peak'] - x['base']) / GB:.2f} | {(x['peak'] - x['setup']) / GB:.2f} | "
-                  f"{x['seconds'] / a.steps:.1f} |")
+                  f"{x['seconds'] / a.micro_batches:.1f} |")
 
     def used(name):  # the larger rank's figure
         return max(x["peak"] - x["base"] for x in results[name])
