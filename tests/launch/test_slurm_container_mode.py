@@ -81,7 +81,7 @@ def _write_exe(path: Path, text: str) -> Path:
 @pytest.fixture
 def box(tmp_path):
     """A working directory, an image file and a bin directory with the fake scontrol first on PATH."""
-    (tmp_path / "work").mkdir()
+    (tmp_path / "jobs").mkdir()
     (tmp_path / "hhdpo.sif").write_text("not an image")
     stub = tmp_path / "stub"
     stub.mkdir()
@@ -91,7 +91,7 @@ def box(tmp_path):
 
 def _env(box: Path, mode: str, **kw) -> dict:
     env = {"PATH": f"{box / 'stub'}:/usr/bin:/bin", "HOME": str(box), "LANG": "C.UTF-8", "HHDPO_REPO": str(REPO),
-           "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(box / "work"), "SLURM_RESTART_COUNT": "0",
+           "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(box / "jobs"), "SLURM_RESTART_COUNT": "0",
            "OPENAI_API_KEY": SECRET}
     if mode == "bare":
         env["HHDPO_BIN"] = BIN
@@ -121,7 +121,7 @@ def test_dry_run_prints_the_exact_commands(box, case, mode):
         args.insert(2, "--dry-run")
     else:
         env["HHDPO_DRY_RUN"] = "1"
-    p = _run(stage, env, *args, cwd=box / "work")
+    p = _run(stage, env, *args, cwd=box / "jobs")
     assert p.returncode == 0, p.stderr
     assert SECRET not in p.stdout + p.stderr and "--dry-run" not in p.stdout
     got = _normalize(p.stdout, box)
@@ -130,7 +130,7 @@ def test_dry_run_prints_the_exact_commands(box, case, mode):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(got)
     assert got == golden.read_text()
-    assert not (box / "work" / "runs").exists()  # a dry run runs nothing: no job-start, no log directory
+    assert not (box / "jobs" / "runs").exists()  # a dry run runs nothing: no job-start, no log directory
 
 
 def test_working_directory_in_the_checkout_stays_writable(box):
@@ -145,10 +145,10 @@ def test_working_directory_in_the_checkout_stays_writable(box):
 def test_dry_run_outside_slurm_needs_no_slurm_variables(box):
     """`bash slurm/train.sbatch --dry-run ...`: the checkout from the script's own path."""
     env = {k: v for k, v in _env(box, "pyxis").items() if not k.startswith("SLURM_") and k != "HHDPO_REPO"}
-    p = _run("train", env, "--dry-run", *ARGS, cwd=box / "work")
+    p = _run("train", env, "--dry-run", *ARGS, cwd=box / "jobs")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0] == f"# pyxis: {IMAGE}; binds: {REPO}:{REPO}:ro,{box / 'work'}:{box / 'work'}"
+    assert lines[0] == f"# pyxis: {IMAGE}; binds: {REPO}:{REPO}:ro,{box / 'jobs'}:{box / 'jobs'}"
     assert any(line.startswith("+ srun --nodes=1 --ntasks-per-node=1 --ntasks=1 --cpus-per-task=1 --kill-on-bad-exit=1 "
                                "'--container-image=") for line in lines), p.stdout
 
@@ -157,8 +157,8 @@ def test_dry_run_outside_slurm_needs_no_slurm_variables(box):
 def test_both_modes_at_once_is_an_error(box, script):
     env = _env(box, "apptainer", HHDPO_IMAGE=IMAGE, HHDPO_DRY_RUN="1", HHDPO_BIN=BIN)
     cmd = [str(REPO / "slurm" / "pipeline.sh"), *ARGS[1:], "--dry-run"] if script == "pipeline" else None
-    p = (subprocess.run(cmd, capture_output=True, text=True, cwd=box / "work", env=env, timeout=60, check=False)
-         if cmd else _run(script, env, *ARGS, cwd=box / "work"))
+    p = (subprocess.run(cmd, capture_output=True, text=True, cwd=box / "jobs", env=env, timeout=60, check=False)
+         if cmd else _run(script, env, *ARGS, cwd=box / "jobs"))
     assert p.returncode == 2 and not p.stdout, p.stdout + p.stderr
     assert "HHDPO_SIF" in p.stderr and "HHDPO_IMAGE" in p.stderr and "both set" in p.stderr
 
@@ -167,20 +167,20 @@ def test_both_modes_at_once_is_an_error(box, script):
 def test_a_missing_sif_stops_the_job_before_anything_runs(box, dry):
     _write_exe(box / "stub" / "apptainer", "#!/bin/bash\ntouch \"$HOME/ran\"\n")
     env = _env(box, "apptainer", HHDPO_SIF=str(box / "missing.sif"), **({"HHDPO_DRY_RUN": "1"} if dry else {}))
-    p = _run("generate", env, *ARGS, cwd=box / "work")
+    p = _run("generate", env, *ARGS, cwd=box / "jobs")
     assert p.returncode == 2 and not p.stdout, p.stdout + p.stderr
     assert f"HHDPO_SIF={box / 'missing.sif'}: no such image" in p.stderr
     assert not (box / "ran").exists()
 
 
 def test_bad_binds_and_missing_runtimes_are_errors(box):
-    p = _run("judge", _env(box, "pyxis", HHDPO_BINDS="/ok,relative/dir", HHDPO_DRY_RUN="1"), *ARGS, cwd=box / "work")
+    p = _run("judge", _env(box, "pyxis", HHDPO_BINDS="/ok,relative/dir", HHDPO_DRY_RUN="1"), *ARGS, cwd=box / "jobs")
     assert p.returncode == 2 and "HHDPO_BINDS: bad entry 'relative/dir'" in p.stderr and not p.stdout
     if not any((Path(d) / "apptainer").exists() for d in ("/usr/bin", "/bin")):
-        p = _run("judge", _env(box, "apptainer"), *ARGS, cwd=box / "work")
+        p = _run("judge", _env(box, "apptainer"), *ARGS, cwd=box / "jobs")
         assert p.returncode == 2 and "apptainer is not on PATH" in p.stderr
     _write_exe(box / "stub" / "srun", "#!/bin/bash\necho '  --ntasks=N'\n")  # an srun without pyxis
-    p = _run("judge", _env(box, "pyxis"), *ARGS, cwd=box / "work")
+    p = _run("judge", _env(box, "pyxis"), *ARGS, cwd=box / "jobs")
     assert p.returncode == 2 and "pyxis is not installed" in p.stderr
 
 
@@ -194,11 +194,11 @@ def test_a_container_job_runs_every_python_call_inside(box, mode):
     log = box / "runtime.log"
     env = _env(box, mode, SLURM_CPUS_ON_NODE="2", FAKE_LOG=str(log), HOST_BIN=BIN, HF_HOME=str(box / "hf"),
                HHDPO_CACHE=str(box / "cache"))
-    p = _run("judge", env, *ARGS, cwd=box / "work")
+    p = _run("judge", env, *ARGS, cwd=box / "jobs")
     assert p.returncode == 75, p.stdout + p.stderr
-    run = box / "work" / "runs" / "golden"
+    run = box / "jobs" / "runs" / "golden"
     for stage in ("pairwise", "judge", "summarize", "report"):
-        assert f"fake hhdpo {stage} in {box / 'work'}" in p.stdout
+        assert f"fake hhdpo {stage} in {box / 'jobs'}" in p.stdout
     assert f"(run_dir {run})" in p.stdout
     (attempt,) = (run / "slurm" / "logs").glob("judge-4242-attempt0.log")
     assert "fake hhdpo summarize" in attempt.read_text()
@@ -209,8 +209,8 @@ def test_a_container_job_runs_every_python_call_inside(box, mode):
     assert all(SECRET not in c for c in calls)
     assert [c.split(" python -m hhdpo.launch.slurm ")[1].split()[0] for c in calls if " -m hhdpo.launch.slurm " in c] == \
         ["job-start", "job-done"]
-    binds = f"{REPO}:{REPO}:ro,{box / 'work'}:{box / 'work'},{box / 'hf'}:{box / 'hf'},{box / 'cache'}:{box / 'cache'}"
-    want = (f"--bind {binds} --pwd {box / 'work'} --env HF_HOME={box / 'hf'} --env HHDPO_CACHE={box / 'cache'} "
+    binds = f"{REPO}:{REPO}:ro,{box / 'jobs'}:{box / 'jobs'},{box / 'hf'}:{box / 'hf'},{box / 'cache'}:{box / 'cache'}"
+    want = (f"--bind {binds} --pwd {box / 'jobs'} --env HF_HOME={box / 'hf'} --env HHDPO_CACHE={box / 'cache'} "
             if mode == "apptainer" else f"--container-mounts={binds} ")
     assert all(want in c for c in calls if "--help" not in c), calls
     if mode == "pyxis":  # the host's values, exported by the batch shell
@@ -246,7 +246,7 @@ def test_train_step_ranks_and_cpus_follow_the_allocation(box, alloc, step):
     every task seeing the node's GPUs (no --gpus-per-task), and a rank that fails ending the step;
     the ranks meet on the first node's NodeAddr, not its name."""
     env = _env(box, "bare", HHDPO_DRY_RUN="1", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[1-2]", **alloc)
-    p = _run("train", env, *ARGS, cwd=box / "work")
+    p = _run("train", env, *ARGS, cwd=box / "jobs")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     srun = [ln for ln in lines if ln.startswith("+ srun ")]
@@ -265,11 +265,11 @@ def test_train_stops_before_anything_runs_when_the_allocation_cannot_hold_the_ra
     env = _env(box, "bare", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="gpu1", SLURM_NTASKS_PER_NODE="1",
                SLURM_CPUS_ON_NODE="1", SLURM_GPUS_ON_NODE="8", **({"HHDPO_DRY_RUN": "1"} if dry else {}))
     _write_exe(box / "stub" / "srun", "#!/bin/bash\ntouch \"$HOME/ran\"\n")
-    p = _run("train", env, *ARGS, cwd=box / "work")
+    p = _run("train", env, *ARGS, cwd=box / "jobs")
     assert p.returncode == 2 and not p.stdout, p.stdout + p.stderr
     assert "8 GPU(s) per node make 8 rank(s) per node, but the job has 1 CPU(s) per node" in p.stderr
     assert "add --ntasks-per-node=8 --cpus-per-task=N" in p.stderr and "--exclusive" in p.stderr
-    assert not (box / "ran").exists() and not (box / "work" / "runs").exists()
+    assert not (box / "ran").exists() and not (box / "jobs" / "runs").exists()
 
 
 # ---- the CUDA image: multi-node NCCL over InfiniBand/RoCE
