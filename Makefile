@@ -71,10 +71,10 @@ model: $(STAMP)
 	@$(PY) -c "import hhdpo.core.models as m; print('offline model:', m.resolve_model('smollm2'))"
 
 test: $(STAMP) model
-	tests/services.sh $(PY) -m pytest -q --durations=20 $(XDIST) $(PYTEST_ARGS) tests
+	bash tests/services.sh $(PY) -m pytest -q --durations=20 $(XDIST) $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP) model
-	tests/services.sh $(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests -m "not slow"
+	bash tests/services.sh $(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests -m "not slow"
 
 train: $(READY)
 	$(HHDPO) train --config $(CONFIG) --nproc-per-node $(NPROC) $(DATA_ARGS) $(ARGS)

@@ -20,6 +20,10 @@ Configurations: 1 process (unwrapped) and 2 FSDP ranks, accumulation 1 and 8, an
 ``dpo_training.defer_grad_sync: true`` (gradients kept unsharded until the last micro-batch).
 Prints the per-rank figures and the ratios side by side. Not a test.
 
+What to expect: accumulating at all keeps the (sharded) gradients alive through the next
+micro-batches' forwards, about 4 B x N / ranks over accumulation 1, which frees them at every
+step; deferring the sync adds the rest of the unsharded gradient, 4 B x N x (1 - 1/ranks).
+
     python bench/train_memory.py              # ~20 min on 2 cores
     python bench/train_memory.py --micro-batches 32 --batch-size 2 --model <dir>
 """

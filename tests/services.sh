@@ -39,6 +39,7 @@ engine_up() { [[ -S $ENGINE_DIR/docker.sock ]] && DOCKER_HOST=unix://$ENGINE_DIR
 engine_was_up=0
 engine_up && engine_was_up=1
 
+# shellcheck disable=SC2317  # reached through the EXIT trap
 cleanup() {
     trap - EXIT INT TERM HUP
     # a killed pytest's workers may take a moment to exit and drop their locks
