@@ -86,7 +86,7 @@ def _short_checkpoint(world, model_dir) -> str:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hhdpo import sharded_load  # noqa: F401
+    from hhdpo.training import sharded_load  # noqa: F401
     from hhdpo.core import models
 
     model = sharded_load.meta_model(str(model_dir), torch.float32)
@@ -115,7 +115,7 @@ def _loader_checks(rank, world, model_dir) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hhdpo import sharded_load  # noqa: F401
+    from hhdpo.training import sharded_load  # noqa: F401
 
     reads = []
     get = sharded_load.LazyStateDict.__getitem__
@@ -167,7 +167,7 @@ def test_sharded_meta_load_matches_plain_load(tiny_dir, ranks):
 
 
 def _trainer_checks(rank, world, model_dir) -> dict:
-    import hhdpo.train as ht
+    import hhdpo.training.trainer as ht
     from hhdpo.core.config import Config
 
     def no_full_load(*a, **k):
@@ -230,7 +230,7 @@ def _cfg(precision):
 def test_fp16_training_is_refused_as_bad_config():
     from hhdpo.core.config import ConfigError
     from hhdpo.core.errors import BadInput
-    from hhdpo.train import resolve_runtime
+    from hhdpo.training.runtime import resolve_runtime
 
     with pytest.raises(ConfigError, match=r"precision: fp16 .*use bf16 \(or fp32\)") as e:
         resolve_runtime(_cfg("fp16"))
@@ -240,8 +240,8 @@ def test_fp16_training_is_refused_as_bad_config():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_cpu_without_native_bf16_warns_once(monkeypatch, native):
-    from hhdpo import sharded_load  # noqa: F401
-    from hhdpo.train import resolve_runtime
+    from hhdpo.training import sharded_load  # noqa: F401
+    from hhdpo.training.runtime import resolve_runtime
     from hhdpo.training import precision
 
     caps = {"avx2": True, "avx512_bf16": native, "amx_bf16": False}
