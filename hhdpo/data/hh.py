@@ -241,13 +241,7 @@ def tokenize_pair(pair: Pair, tokenizer, max_len: int, max_prompt_len: int | Non
     p = prompt_ids(pair, tokenizer, use_chat_template)
     c = response_ids(pair, "chosen", tokenizer, p, use_chat_template)
     r = response_ids(pair, "rejected", tokenizer, p, use_chat_template)
-    limit = prompt_limit(len(p), max(len(c), len(r)), max_len, max_prompt_len or max_len // 2)
-    if len(p) > limit:
-        msgs, p = fit_prompt(pair, tokenizer, limit, use_chat_template)
-        c = response_ids(pair, "chosen", tokenizer, p, use_chat_template, msgs)
-        r = response_ids(pair, "rejected", tokenizer, p, use_chat_template, msgs)
-    budget = max_len - len(p)
-    return {"prompt_ids": p, "chosen_ids": c[:budget], "rejected_ids": r[:budget]}
+    return _finish(pair, tokenizer, p, c, r, max_len, max_prompt_len, use_chat_template)
 
 
 _CHUNK = 512  # pairs per batched tokenizer call (its Rust side encodes a batch on every core it may use)

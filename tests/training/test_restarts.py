@@ -16,6 +16,7 @@ import pytest
 
 from hhdpo.core.io import read_jsonl
 from tests.conftest import REPO, run_cli
+from tests.launch.test_launch import _procs_with
 from tests.training.test_train import CFG, base_overrides
 
 
@@ -48,17 +49,6 @@ def _wait_until(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def _procs_with(needle: str) -> list[int]:
-    """The processes whose command line holds ``needle``."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if needle in (p / "cmdline").read_bytes().decode(errors="replace"):
-                    out.append(int(p.name))
-            except OSError:
-                pass
-    return out
 
 
 def _wandb_runs(save: Path) -> list[Path]:
