@@ -549,7 +549,7 @@ def test_failed_train_job_cancels_the_chain_and_writes_nothing_downstream(slurm_
                                                    "judge": ("CANCELLED", "DependencyNeverSatisfied")}
     run = shared / "failing"
     logs = run / "slurm" / "logs"
-    assert "missing.jsonl.gz: data file not found" in _read(logs / f"hhdpo-train-{ids['train']}.out")
+    assert "missing.jsonl.gz: data file or directory not found" in _read(logs / f"hhdpo-train-{ids['train']}.out")
     assert sorted(p.name for p in logs.iterdir()) == [f"hhdpo-train-{ids['train']}.out", f"train-{ids['train']}-attempt0.log"]
     assert not (run / "eval").exists() and not (run / "slurm" / "done").exists()
     # never started: no batch step and no nodes. Not sacct's Start, which for a job cancelled while

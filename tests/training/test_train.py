@@ -42,7 +42,7 @@ def tree_digest(root: Path) -> dict:
     ("unknown_key", "dpo_training.dpo_bta: unknown config key; did you mean dpo_training.dpo_beta"),
     ("wrong_type", "dpo_training.batch_size: got 'four'"),
     ("malformed_jsonl", "bad.jsonl:2: malformed JSON"),
-    ("missing_data", "nope.jsonl.gz: data file not found"),
+    ("missing_data", "nope.jsonl.gz: data file or directory not found"),
     ("missing_model", "model './no-such-model'"),
 ])
 def test_bad_inputs_exit_nonzero_and_touch_nothing(tmp_path, hh_file, case, needle):
