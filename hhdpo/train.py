@@ -21,6 +21,7 @@ from hhdpo.core.config import config_reference, run_paths
 from hhdpo.core.distenv import adopt_slurm_env, in_distributed_env
 from hhdpo.core.stage import StageParser, load_stage_config, run_stage
 from hhdpo.launch.torchrun import run_under_torchrun, strip_option
+from hhdpo.training.checkpoint import completed_run
 from hhdpo.training.runtime import preflight
 from hhdpo.training.trainer import run
 
@@ -37,6 +38,12 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = load_stage_config(args)
         distributed = in_distributed_env() or adopt_slurm_env()
         preflight(cfg)  # on every rank: under srun a rank that skipped it would wait for one that failed
+        done = completed_run(cfg)
+        if done is not None:
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"[train] {run_paths(cfg).save} holds this run, completed at step {done}: nothing to do "
+                      "(another dpo_training.save_dir trains again)", flush=True)
+            return 0
         if not distributed:
             fwd = strip_option(list(argv if argv is not None else sys.argv[1:]), "nproc_per_node")
             # workers run `python -m hhdpo train`, which holds stop signals before it imports torch

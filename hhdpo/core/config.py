@@ -253,7 +253,7 @@ def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.y
     path = Path(directory) / name
     text = config_yaml(cfg)
     if path.is_file():
-        changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(text))
+        changed = changed_keys(yaml.safe_load(path.read_text()) or {}, yaml.safe_load(text))
         if changed:
             kept = path.with_name(f"{path.stem}.{previous_tag or time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
             os.replace(path, kept)
@@ -263,12 +263,12 @@ def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.y
     return path
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(old.keys() | new.keys()):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{k}.")
+            out += changed_keys(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out

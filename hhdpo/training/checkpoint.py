@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from hhdpo.core.config import Config, ConfigError, run_paths
+from hhdpo.core.errors import BadInput
 from hhdpo.core.io import atomic_write_json
 from hhdpo.training import rank0
 
@@ -107,6 +108,44 @@ def run_leftovers(cfg: Config) -> list[Path]:
     """What an earlier run left in this run's place: metrics, an HF export, margins logs."""
     paths = run_paths(cfg)
     return [p for p in (paths.metrics, paths.save / "model.safetensors", paths.tail) if p.exists()]
+
+
+# sections the training never reads: a rerun that changes only these finds the run already done
+_NOT_TRAINING = ("HH_test", "vllm", "huggingface", "wandb", "judge", "eval", "slurm")
+
+
+def completed_run(cfg: Config) -> int | None:
+    """The step at which this very run completed, or None.
+
+    A run counts as this one when ``run_state.json`` says completed, the export's weights are in
+    save_dir and the config.yaml saved there equals ``cfg`` in every key the training reads
+    (``checkpoint.resume`` aside: a named checkpoint only started the run; ``never`` asks for a
+    fresh start, which :func:`starts_over` refuses). Rerunning the command
+    of a finished run (``make demo`` again) then changes nothing: validating and exporting again
+    would rewrite the weights, and every evaluation made from them would look stale.
+    """
+    import yaml
+
+    from hhdpo.core.config import changed_keys, config_yaml
+
+    paths = run_paths(cfg)
+    state = read_run_state(paths.state)
+    saved = paths.save / "config.yaml"
+    if cfg.checkpoint.resume == "never" or state.get("status") != "completed" or not saved.is_file():
+        return None
+    if not any(_WEIGHT_FILE_RE.match(f.name) for f in paths.save.iterdir()):
+        return None
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    new = yaml.safe_load(config_yaml(cfg))
+    for d in (old, new):
+        for k in _NOT_TRAINING:
+            d.pop(k, None)
+        if isinstance(d.get("checkpoint"), dict):
+            d["checkpoint"].pop("resume", None)
+    return None if changed_keys(old, new) else int(state.get("step", 0))
 
 
 def starts_over(cfg: Config) -> bool:
@@ -237,12 +276,23 @@ def _numpy_globals() -> list:
             type(np.dtype(np.uint32))]
 
 
+class CheckpointError(BadInput):
+    """A checkpoint file hhdpo cannot trust or read (exit 2, like any bad input)."""
+
+
 def load_state(path: Path):
     """A checkpoint's ``trainer_state.pt`` or ``rng_rank<r>.pt``, loaded with ``weights_only=True``: tensors,
     plain Python values and numpy arrays only; a pickle naming any other callable or class (code
-    it would run) raises ``pickle.UnpicklingError`` instead of running it."""
-    with torch.serialization.safe_globals(_numpy_globals()):
-        return torch.load(path, weights_only=True)
+    it would run) raises :class:`CheckpointError` (torch's own reason in its message) instead of running it."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values, which "
+                              f"hhdpo never writes (tampered with, or not hhdpo's); {reason}") from None
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:

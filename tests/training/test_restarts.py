@@ -17,7 +17,7 @@ import pytest
 from hhdpo.core.io import read_jsonl
 from tests.conftest import REPO, run_cli
 from tests.launch.test_launch import _procs_with
-from tests.training.test_train import CFG, base_overrides
+from tests.training.test_train import CFG, base_overrides, tree_digest
 
 
 def _tiny(model_dir) -> list[str]:
@@ -126,6 +126,11 @@ def test_run_killed_before_its_first_checkpoint_starts_over(tmp_path, hh_file, t
     assert state["wandb_run_id"] != killed["wandb_run_id"]
     assert {p.name.rsplit("-", 1)[1] for p in _wandb_runs(save)} == {killed["wandb_run_id"], state["wandb_run_id"]}
 
+    # the same command again finds the run done and changes nothing (an eval of its weights stays current)
+    before = tree_digest(save)
+    r = run_cli("train", *cmd, env={"WANDB_SILENT": "true"})
+    assert r.returncode == 0 and f"completed at step {steps}: nothing to do" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert tree_digest(save) == before
     # a completed run is still protected: with no checkpoint to continue it is refused, nothing changed
     r = run_cli("train", *cmd, "checkpoint.resume=never")
     assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr[-3000:]

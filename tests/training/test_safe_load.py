@@ -5,13 +5,12 @@ without running it, also when a resume meets one."""
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from hhdpo.training.checkpoint import load_state
+from hhdpo.training.checkpoint import CheckpointError, load_state
 from tests.conftest import run_cli
 from tests.training.test_train import CFG, base_overrides
 
@@ -35,7 +34,7 @@ def test_a_pickle_with_an_arbitrary_object_is_refused(tmp_path):
     for i, obj in enumerate([_Payload(marker), _Thing(), {"step": 3, "extra": _Thing()}]):
         f = tmp_path / f"state{i}.pt"
         torch.save({"step": 3, "x": obj}, f)
-        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        with pytest.raises(CheckpointError, match=f"{f}: refused to load.*Weights only load failed"):
             load_state(f)
     assert not marker.exists()
     # what a checkpoint does hold loads: tensors, plain values, numpy's RNG state
@@ -64,11 +63,13 @@ def test_resume_loads_real_checkpoint_state_and_refuses_a_tampered_one(tmp_path,
         state = load_state(ckpt / name)
         state["python" if name.startswith("rng") else "beta"] = _Payload(marker)
         torch.save(state, ckpt / name)
-        with pytest.raises(pickle.UnpicklingError):
+        with pytest.raises(CheckpointError, match=name):
             load_state(ckpt / name)
     # the resume itself refuses it (and runs nothing, writes no later checkpoint)
     r = run_cli("train", "--config", CFG, *base_overrides(hh_file, save, **{"dpo_training.max_steps": 3}), *common)
-    assert r.returncode != 0 and "Weights only load failed" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    # bad input: exit 2 with the file named, no traceback
+    assert r.returncode == 2 and "trainer_state.pt: refused to load" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
     assert not marker.exists()
     assert not (save / "checkpoints" / "step_0000003").exists()
     for name, data in genuine.items():
