@@ -75,6 +75,22 @@ def hub_snapshot(repo_id: str, revision: str = "main") -> Path | None:
     return snap if commit and snap.is_dir() else None
 
 
+# what a model needs from the Hub: config, tokenizer, chat template, generation config, weights (and remote code)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*", "*.py"]
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """``repo_id``'s files into the local Hugging Face cache (a cache hit when they are there)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        # the cache and offline mode as the environment says now (huggingface_hub reads them once, at import)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=hf_hub_cache(), local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - offline and uncached, no such repo, no access, ...
+        raise ModelError(f"model {repo_id!r}: cannot download it from the Hugging Face Hub: {type(e).__name__}: {e}") from None
+
+
 def _convert_gguf_alias(alias: str) -> Path:
     package, filename = ALIASES[alias]
     out = cache_dir() / "models" / alias

@@ -34,7 +34,7 @@ from hhdpo.core.config import run_paths
 from hhdpo.core.errors import BadInput
 from hhdpo.core.fingerprint import weights_fingerprint
 from hhdpo.core.io import DataError, append_jsonl, repair_jsonl
-from hhdpo.core.models import ALIASES, ModelError, load_model, load_tokenizer, resolve_model
+from hhdpo.core.models import ALIASES, ModelError, download_hub_model, load_model, load_tokenizer, resolve_model
 from hhdpo.data.hh import Pair, fit_prompt, load_pairs
 
 MODEL_IDS = {"policy": "policy_model", "base": "base_model"}
@@ -48,7 +48,7 @@ class GenerateError(BadInput):
 class Target:
     name: str  # policy | base | a key of HH_test.models | ad-hoc name
     spec: str  # as configured (alias, dir or Hub id)
-    path: str  # resolved by hhdpo.core.models.resolve_model
+    path: str  # resolved by hhdpo.core.models.resolve_model; a Hub id as its local snapshot directory
     model_id: str
     out: Path
 
@@ -105,6 +105,10 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
                                 "(train first, or choose other models with --models)")
         try:
             path = resolve_model(spec)
+            if not Path(path).exists():
+                # a Hub id is downloaded before anything is generated and loaded from its snapshot, whose
+                # files pin what was generated: the name stays the same when the repo moves on
+                path = str(download_hub_model(path))
         except ModelError as e:
             raise GenerateError(f"{name} model: {e}") from None
         out = paths.gen_out(name)
@@ -112,15 +116,17 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
     return targets
 
 
-def _settings(cfg, model_path: str) -> dict:
+def _settings(cfg, t: Target) -> dict:
     """Record fields that must match for a rerun to append to an existing output file.
 
-    ``weights_fingerprint`` changes when the weights in ``model_path`` are rewritten (more
-    training into the same save_dir), which the path alone does not show."""
+    ``weights_fingerprint`` changes when the weights in ``t.path`` are rewritten (more training
+    into the same save_dir) or a Hub id resolves to another snapshot, which the name alone does
+    not show."""
     hh = cfg.HH_test
+    hub = not Path(t.spec).expanduser().exists() and t.spec not in ALIASES and Path(t.path) != Path(t.spec)
     return {
-        "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-        "weights_fingerprint": weights_fingerprint(model_path),
+        "model_path": t.spec if hub else os.path.abspath(t.path),
+        "weights_fingerprint": weights_fingerprint(t.path),
         "dataset": hh.hh_test, "split": hh.split, "max_prompt_length": hh.max_prompt_length,
         "max_new_tokens": hh.max_new_tokens, "do_sample": hh.do_sample, "temperature": hh.temperature,
         "top_p": hh.top_p, "seed": hh.seed, "use_chat_template": cfg.dataset.use_chat_template,
@@ -336,7 +342,7 @@ def generate(cfg, models: dict[str, str] | None = None, backend: str | None = No
     prompts = load_prompts(cfg, log=log)
     results: dict[str, Path] = {}
     for t in targets:
-        settings = _settings(cfg, t.path)
+        settings = _settings(cfg, t)
         done = _done_idx(t.out, settings, prompts)
         todo = [i for i in range(len(prompts)) if i not in done]
         results[t.name] = t.out

@@ -31,25 +31,11 @@ import torch.distributed as dist
 from hhdpo.core.config import save_config
 from hhdpo.core.errors import Preempted
 from hhdpo.core.io import atomic_write_json
-from hhdpo.core.models import ModelError, resolve_model
+from hhdpo.core.models import download_hub_model, resolve_model
 from hhdpo.data.batching import resume_batch_index
 from hhdpo.training import checkpoint as ckpt
 from hhdpo.training import rank0
 from hhdpo.training.metrics import MetricsLogger, new_run_id, truncate_after_step
-
-# what a model needs from the Hub: config, tokenizer, chat template, generation config, weights (and remote code)
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*", "*.py"]
-
-
-def download_hub_model(repo_id: str) -> Path:
-    """``repo_id``'s files into the local Hugging Face cache (a cache hit when they are there)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except Exception as e:  # noqa: BLE001 - offline and uncached, no such repo, no access, ...
-        raise ModelError(f"model {repo_id!r}: cannot download it from the Hugging Face Hub: {type(e).__name__}: {e}") from None
-
 
 class TrainStateMixin:
     """Attempts, checkpoints, resume, preemption, metrics sinks and export for the DPO trainer."""

@@ -183,6 +183,37 @@ def test_changed_weights_are_refused_and_the_old_file_kept(tmp_path, hh_data, to
     assert aside.read_bytes() == before
 
 
+def test_a_hub_base_model_is_pinned_by_its_snapshot_not_its_name(tmp_path, hh_data, tok, monkeypatch):
+    """A Hub id (the seed's base model) is loaded from its local snapshot, downloaded first; when the
+    repo moves on to another commit, the file made from the old one is refused, not appended to."""
+    hub, repo_id = tmp_path / "hub", "some-org/tiny"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what an offline node has: the cache only
+    cfg = make_cfg(tmp_path, hh_data, str(tmp_path / "unused"), "HH_test.num_sample=2")
+    with pytest.raises(GenerateError, match=f"base model: model '{repo_id}': cannot download it"):
+        generate(cfg, {"base": repo_id}, log=None)
+
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    for commit, seed in (("a" * 40, 0), ("b" * 40, 1)):
+        save_tiny_llama(repo / "snapshots" / commit, tok, seed=seed)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    out = generate(cfg, {"base": repo_id}, log=None)["base"]
+    recs = read_jsonl(out)
+    assert {r["model_path"] for r in recs} == {repo_id}  # the name, not a cache path, in every record
+    assert {r["weights_fingerprint"] for r in recs} == {weights_fingerprint(repo / "snapshots" / ("a" * 40))}
+    before = out.read_bytes()
+
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on: same name, other weights
+    with pytest.raises(GenerateError, match="other weights"):
+        generate(cfg, {"base": repo_id}, log=None)
+    assert out.read_bytes() == before
+    (repo / "refs" / "main").write_text("a" * 40)
+    logs: list[str] = []
+    generate(cfg, {"base": repo_id}, log=logs.append)
+    assert "0 generated, 2 skipped" in logs[-1] and out.read_bytes() == before
+
+
 def test_cli_errors_name_the_missing_model_and_data(tmp_path, hh_data, tiny_model, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\n")
