@@ -112,6 +112,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     service_groups.configure(config)
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) sees every report
+        config.pluginmanager.register(service_groups.BusyTime(), "hhdpo-busy-time")
 
 
 def pytest_unconfigure(config):

@@ -50,6 +50,7 @@ def mark(config, items) -> None:
         group = group_of(it)
         if group:
             groups[it.nodeid] = group
+            _groups_seen[it.nodeid] = group
             if it.get_closest_marker("xdist_group") is None:
                 it.add_marker(pytest.mark.xdist_group(group))
     out = os.environ.get(ENV)
@@ -75,9 +76,37 @@ def make_scheduler(config, log):
                 for f in sorted(Path(os.environ[ENV]).glob("*.json")):
                     self._groups.update(json.loads(f.read_text()))
             group = self._groups.get(nodeid)
+            if group:
+                _groups_seen[nodeid] = group
             return group if group else super()._split_scope(nodeid)
 
     return ServiceGroupScheduling(config, log)
+
+
+class BusyTime:
+    """Seconds each xdist worker and each service group spent in tests (setup, call and teardown),
+    printed after ``--durations``: the busiest worker is the suite's wall time, and the groups show
+    what sits on its path."""
+
+    def __init__(self):
+        self.workers: dict[str, float] = {}
+        self.groups: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "main")
+        self.workers[worker] = self.workers.get(worker, 0.0) + report.duration
+        group = _groups_seen.get(report.nodeid, "other tests")
+        self.groups[group] = self.groups.get(group, 0.0) + report.duration
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.workers:
+            return
+        fmt = lambda d: ", ".join(f"{k} {v:.0f} s" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+        terminalreporter.write_line(f"busy time per worker: {fmt(self.workers)}")
+        terminalreporter.write_line(f"busy time per group: {fmt(self.groups)}")
+
+
+_groups_seen: dict[str, str] = {}  # node id -> group, filled by the controller's scheduler (or mark() without xdist)
 
 
 def unconfigure(config) -> None:

