@@ -35,32 +35,10 @@ daemon_pids() {
 # docker.io: dockerd, containerd, runc and the 20.10 client, whose built-in BuildKit builds the
 # Dockerfile (a newer client needs the buildx plugin); debootstrap: `make base-image`
 PACKAGES=(docker.io debootstrap)
+# shellcheck source=docker/apt-install.sh
+source "$REPO/docker/apt-install.sh"
 
-install() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    ((${#missing[@]})) || return 0
-    if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-        echo "engine.sh: ${missing[*]} not installed, and this is not root on a Debian/Ubuntu machine" >&2
-        exit 1
-    fi
-    # Keep the package's own docker.service and containerd from starting on install (where there is
-    # an init system): the tests run a private engine only. Docker images already ship such a policy-rc.d.
-    local policy=/usr/sbin/policy-rc.d added=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 0755 "$policy"
-        added=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    # the lock timeout: slurm/cluster/start.sh --install may be running apt-get at the same time
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    if ((added)); then rm -f "$policy"; fi
-    echo "engine.sh: installed ${missing[*]}" >&2
-}
+install() { apt_install engine.sh "${PACKAGES[@]}" || exit 1; }
 
 start() {
     if running; then echo "export DOCKER_HOST=$HOST"; return; fi

@@ -23,27 +23,9 @@ set -euo pipefail
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server mariadb-client procps shellcheck)
 
 install_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    if ((${#missing[@]} == 0)); then
-        echo "slurm cluster: packages already installed" >&2
-        return 0
-    fi
-    # Keep the packages' own services (system munged, mariadb on :3306) from starting on install:
-    # the cluster runs private daemons only. Docker images already ship such a policy-rc.d.
-    local policy=/usr/sbin/policy-rc.d added=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 0755 "$policy"
-        added=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    if ((added)); then rm -f "$policy"; fi
-    echo "slurm cluster: installed ${missing[*]}" >&2
+    # shellcheck source=docker/apt-install.sh
+    source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/docker/apt-install.sh"
+    apt_install "slurm cluster" "${PACKAGES[@]}"
 }
 
 accounting=1
