@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from hhdpo.core.models import hub_snapshot
 from hhdpo.training.ref_logps import cached_or_computed, ref_cache_key
-from tests.conftest import REPO
-from tests.training.test_ref_logps import _descendants, _precompute
+from tests.training.test_ref_logps import _precompute, _torchrun
 from tests.training.test_train import CFG, _losses, base_overrides
 
 COMMIT_A, COMMIT_B = "a" * 40, "0123456789abcdef0123456789abcdef01234567"
@@ -112,18 +108,7 @@ def _read_only(cache) -> list[str]:
 
 
 def _two_ranks(prefix: list[str], args: list[str], env: dict, timeout: int = 600) -> tuple[int, str]:
-    cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "hhdpo.train", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        for pid in _descendants(proc.pid):  # torchrun starts each worker in a session of its own
-            os.kill(pid, signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"2-rank run still running after {timeout} s (a rank left waiting?)\n{proc.communicate()[0][-3000:]}")
-    return proc.returncode, out
+    return _torchrun(["-m", "hhdpo.train", *args], env, timeout, prefix=tuple(prefix))
 
 
 def test_a_read_only_cache_is_a_warning_and_every_rank_trains_on(tmp_path, hh_file, tiny_llama_dir):

@@ -123,9 +123,10 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _torchrun(args: list[str], env: dict, timeout: int) -> tuple[int, str]:
-    """2 ranks under torchrun in their own session; on timeout the whole group (hung ranks too) is killed."""
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+def _torchrun(args: list[str], env: dict, timeout: int, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    """2 ranks under torchrun (after a command ``prefix``) in their own session; on timeout the whole
+    group (hung ranks too) is killed."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
                             cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
