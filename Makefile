@@ -9,7 +9,7 @@
 #   make submit     the whole chain of $(CONFIG) as SLURM jobs (slurm/pipeline.sh): train -> generate -> judge
 #   make bench      throughput benchmarks (prints ratios; not tests)
 #   make bench-pipeline  make demo vs slurm/pipeline.sh on the local cluster (root; about an hour)
-#   make bench-gpu  the GPU paths (nccl, bf16, FSDP2 + meta loading, resume) on one CUDA device
+#   make bench-gpu  tokens/s and MFU at the seed's scale on one CUDA device (~8 min on an H200)
 
 PYTHON  ?= python3
 VENV    ?= .venv

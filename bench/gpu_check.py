@@ -1,122 +1,187 @@
-"""The GPU paths on one CUDA device, through the package's own entry points (not a test).
+"""Training throughput and MFU at the seed's scale on one CUDA device, through hhdpo's own trainer (not a test).
 
-Random-weight Llamas (nothing comes from the Hub; the tokenizer and chat template are those of
---tokenizer, by default SmolLM2's) are trained with ``hhdpo train`` on the real HH file, one
-process (nccl on a GPU), as users run it:
+A random-weight Llama with Llama-3.1-8B's layers (4096 hidden, 14336 MLP, 32 heads, 8 KV heads)
+and its untied 128,256-token LM head, as many layers as one GPU holds with the policy (fp32
+master weights, fp32 gradients, two AdamW states: 16 B/param) and the live bf16 reference
+(2 B/param) (``_gpu_rows.layers_that_fit``: 23 on an H200, 10 on an H100 80GB), SmolLM2's
+tokenizer (its ids fit the larger vocabulary), the real HH file, the seed's settings
+(configs/llama31_8b.yaml: max_len 512, prompt 256, 2 pairs x 2 micro-batches per step, bf16,
+activation checkpointing --ac) on one FSDP2 rank. Each row is one process
+(``_gpu_rows.child_row``) with a timeout, so an OOM or a failure loses that row alone:
 
-  fp32              SmolLM2-135M's shape in fp32: the model unwrapped (nothing to shard)
-  bf16              the same in bf16: FSDP2's mixed precision on a 1-rank mesh (bf16 parameters
-                    cast from fp32 master weights, fp32 gradient reduce), the model built on the
-                    meta device and its bf16 safetensors streamed into the shards: a multi-GPU
-                    run's code path
-  bf16-resume       bf16 stopped at half its steps (a DCP checkpoint), then resumed
-  big-bf16          Llama-3.1-8B's layer shape (4096 hidden, 14336 MLP, 32 heads, 8 KV heads,
-                    untied LM head) with --layers layers, activation checkpointing, max_len 512:
-                    tokens/s after --warmup steps and the peak GPU memory (nvidia-smi, 200 ms)
-  big-bf16-grouped  the same with dpo_training.group_by_length=true (the CPU default), side by side
+  padded        the micro-batch's rows padded to the longest (dpo_training.padding_free=false)
+  padfree       one packed row per micro-batch (dpo_training.padding_free=true)
+  compiled      padfree with dpo_training.compile=true (torch.compile per decoder layer)
+  *-pre         the same with the reference log-probs precomputed (its one-off pass not timed)
+  compiled-padded  padded with compile (only when --rows names it)
 
-then ``hhdpo generate --backend transformers`` samples from bf16's Hugging Face export on the
-device (vLLM too, on a GPU where it is installed). Checks: every run exits 0 and logs the
-expected world, device, backend, dtype and fsdp; bf16's first loss is exactly ln 2 (policy and
-reference compute alike) and its first log-probs match fp32's (bf16 tolerance); bf16-resume
-continues with bf16's losses; the export loads. Exits 1 if a check fails.
+Rows whose config key this checkout lacks are skipped, said so (padfree rows without padding_free;
+compiled then runs padded); --token-budget sets dpo_training.max_tokens_per_micro_batch where it exists.
 
-    make bench-gpu                    # = python bench/gpu_check.py [--out gpu.json]; ~7 min on one H100
-    python bench/gpu_check.py --tokenizer DIR --data HH.jsonl.gz   # a tokenizer directory instead of smollm2
-    python bench/gpu_check.py --device cpu --layers 1 --steps 2 --big-steps 3   # the same runs on CPU (tiny)
+tokens/s: real (unpadded) tokens per second of the median step after --warmup steps, from the
+trainer's metrics.jsonl (one process, so per GPU). peak GB: torch.cuda.max_memory_allocated
+over the steps (the set-up and the precompute excluded; on CPU: peak RSS). MFU = tokens/s x
+FLOPs per token / the device's dense bf16 peak (989 TFLOP/s for an H100 SXM or H200; table in
+_gpu_rows.PEAK_BF16). FLOPs per token: 8N with the live reference (policy forward + backward 6N,
+reference forward 2N), 6N with it precomputed; N = every parameter a token's matmuls use: all
+but the input embedding (a lookup), the 128k LM head included at every token, though hhdpo
+projects only response positions; attention's score and value products (~1% more at 512
+tokens) and the recomputation of checkpointed layers are not counted: MFU, not hardware FLOPs.
+
+Checks: every row ran all its steps; the first step's loss is ln 2 (policy = reference; eager
+live rows to 1e-6, compiled or precomputed to 1e-2); padfree's and compiled's first log-probs
+match padded's (bf16 tolerance). Where vLLM is importable (GPU):
+``hhdpo generate --backend vllm`` vs vLLM's own ``LLM.generate`` on the same prompts, a
+SmolLM2-shaped random model, eager engines (short start-up). --checks adds the code-path runs of
+_gpu_paths.py (fp32, bf16 = ln 2, DCP resume, export, generate; ~4 min on a GPU). The whole run
+stops starting rows at --budget seconds (default 450 on a GPU: ~8 minutes on one H200).
+Exits 1 if a check fails.
+
+    make bench-gpu                               # = python bench/gpu_check.py [--out gpu.json]
+    python bench/gpu_check.py --layers 8 --rows padded,compiled --out gpu.json   # also writes gpu.md
+    python bench/gpu_check.py --device cpu --layers 1 --max-len 128 --steps 3 --warmup 1   # tiny, CPU smoke (~3 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
-import math
 import os
+import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = "configs/smollm2_cpu.yaml"
-# the HH file beside the checkout, as the Makefile and the tests find it (HH_DATA wins)
+from _gpu_rows import (
+    REPO,
+    RESULT,
+    SEED_CONFIG,
+    layers_that_fit,
+    ln2_gap,
+    make_llama,
+    mfu,
+    peak_flops,
+)
+
 HH_DATA = os.environ.get("HH_DATA") or str(REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
-SHAPES = {  # (hidden, MLP, layers, heads, KV heads, tied)
-    "small": (576, 1536, 30, 9, 3, True),  # SmolLM2-135M
-    "big": (4096, 14336, None, 32, 8, False),  # Llama-3.1-8B's layers
-    "tiny": (64, 128, 2, 4, 2, True),  # --device cpu
+ROWS = {  # name: (padding-free, compiled, precomputed reference)
+    "padded": (False, False, False), "padfree": (True, False, False), "compiled": (True, True, False),
+    "padded-pre": (False, False, True), "padfree-pre": (True, False, True), "compiled-pre": (True, True, True),
+    "compiled-padded": (False, True, False),  # not run by default: compile without packing (--rows)
 }
+RUN_ORDER = ("padded", "padfree", "compiled", "compiled-pre", "padfree-pre", "padded-pre")  # compiled-pre: warm caches
 
 
-def make_llama(out: Path, tok_dir: Path, shape: str, layers: int | None = None) -> int:
-    """A random Llama of ``shape`` with ``tok_dir``'s tokenizer, stored bf16; returns its parameter count."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    hidden, mlp, n_layers, heads, kv, tied = SHAPES[shape]
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers or n_layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
-                      tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of ~1B parameters: seconds on a GPU
-        model = LlamaForCausalLM(cfg)
-    n = sum(p.numel() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the runs' memory is measured against what is in use before them
-    return n
-
-
-class GPUMemory:
-    """Peak GPU memory (MiB) a block added over what was in use at its start (this process's
-    CUDA context), from nvidia-smi polled every 200 ms; 0 without nvidia-smi."""
-
-    QUERY = ("nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits")
-
-    def __enter__(self):
-        self.peak, self.proc = 0, None
-        if shutil.which("nvidia-smi"):
-            self.base = int(subprocess.run(self.QUERY, capture_output=True, text=True, check=True).stdout.split()[0])
-            self.proc = subprocess.Popen([*self.QUERY, "-lms", "200"], stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc:
-            self.proc.terminate()
-            out = self.proc.communicate()[0]
-            self.peak = max((int(x) for x in out.split() if x.isdigit()), default=self.base) - self.base
-
-
-def hhdpo(*args, log: Path) -> tuple[int, str, float]:
+def child(kind: str, spec: dict, tmp: Path, timeout: float, env: dict | None = None) -> dict:
+    """Run ``_gpu_rows.py KIND`` in its own process; its RESULT line, or rc and the output's tail."""
+    path = tmp / f"{spec['name']}.json"
+    path.write_text(json.dumps(spec))
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), TQDM_DISABLE="1",
+             TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "hhdpo", *map(str, args)], check=False, cwd=REPO, capture_output=True, text=True)
-    log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
-    return p.returncode, p.stdout + p.stderr, time.perf_counter() - t0
+    try:
+        p = subprocess.run([sys.executable, str(Path(__file__).with_name("_gpu_rows.py")), kind, str(path)],
+                           cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout, check=False)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as x:
+        out, rc = (x.stdout or b"").decode(errors="replace") + (x.stderr or b"").decode(errors="replace"), "timeout"
+    (tmp / f"{spec['name']}.log").write_text(out)
+    res = next((json.loads(x[len(RESULT):]) for x in out.splitlines() if x.startswith(RESULT)), None)
+    wall = round(time.perf_counter() - t0, 1)
+    if res is None:
+        oom = "OutOfMemoryError" in out or "CUDA out of memory" in out
+        return {"status": "OOM" if oom else f"failed (rc {rc})", "wall_s": wall, "tail": out[-3000:]}
+    return {"status": "ok", "wall_s": wall, **res}
 
 
-def train(name: str, tmp: Path, model: Path, common: list[str], extra: list[str]) -> dict:
-    run_dir = tmp / name
-    with GPUMemory() as mem:
-        rc, out, wall = hhdpo("train", "--config", CONFIG, "--nproc-per-node", 1, f"policy_model={model}",
-                              f"ref_model={model}", f"run_dir={run_dir}", *common, *extra, log=tmp / f"{name}.log")
-    metrics = run_dir / "model" / "metrics.jsonl"
-    recs = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-    head = next((x for x in out.splitlines() if x.startswith("[train] attempt=")), "")
-    r = {"name": name, "rc": rc, "wall_s": round(wall, 1), "peak_gpu_mib": mem.peak, "log": head,
-         "losses": [x["loss"] for x in recs if "loss" in x], "logps": [x["logps/chosen"] for x in recs if "loss" in x], "tokens_per_s": [x["tokens/s"] for x in recs if "tokens/s" in x],
-         "eval_loss": next((x["eval/loss"] for x in recs if "eval/loss" in x), None)}
-    print(f"[gpu-check] {name}: rc={rc} {wall:.0f} s peak {mem.peak} MiB | {head}", flush=True)
-    if rc:
-        print(out[-4000:], flush=True)
-    return r
+def row_overrides(a, name: str, model: Path, tmp: Path, keys: set[str]) -> tuple[list[str], str | None]:
+    """The row's config overrides, or (why it cannot run in this checkout)."""
+    padfree, compiled, pre = ROWS[name]
+    o = [f"policy_model={model}", f"ref_model={model}", f"run_dir={tmp / name}", f"dataset.dataset_name={a.data}",
+         f"dataset.subset=train[:{a.raw_rows}]", "dataset.data_dirs=[]", "dataset.val_ratio=0",
+         f"device={a.device}", f"precision={'bf16' if a.device == 'cuda' else 'fp32'}", "dpo_training.fsdp=true",
+         f"dpo_training.max_steps={a.steps}", "dpo_training.log_steps=1", "dpo_training.eval_steps=0",
+         "dpo_training.lr_scheduler=constant", "dpo_training.warmup_steps=0", "checkpoint.save_steps=0",
+         "wandb.mode=disabled", f"dpo_training.precompute_ref_log_probs={str(pre).lower()}",
+         f"dpo_training.activation_checkpointing={str(a.ac != 'off').lower()}"]
+    o += [f"dataset.max_len={a.max_len}", f"dataset.max_prompt_len={a.max_len // 2}"] if a.max_len else []
+    o += [f"dpo_training.{k}={v}" for k, v in (("batch_size", a.batch_size), ("gradient_accumulation_steps", a.grad_accum)) if v]
+    if a.ac != "off":
+        o.append(f"dpo_training.ac_mode={a.ac}")
+    if "padding_free" in keys:
+        o.append(f"dpo_training.padding_free={str(padfree).lower()}")  # explicit: its null may pick either
+    elif padfree and not compiled:
+        return [], "no dpo_training.padding_free in this checkout"
+    if compiled:
+        if "compile" not in keys:
+            return [], "no dpo_training.compile in this checkout"
+        o.append("dpo_training.compile=true")
+    if a.token_budget:
+        if "max_tokens_per_micro_batch" not in keys:
+            return [], "no dpo_training.max_tokens_per_micro_batch in this checkout"
+        o.append(f"dpo_training.max_tokens_per_micro_batch={a.token_budget}")
+    return o, None
+
+
+def generation(a, tmp: Path, tok_dir: Path, deadline: float) -> dict:
+    """hhdpo generate --backend vllm vs vLLM's own LLM.generate, same prompts and settings."""
+    model = tmp / "gen-model"
+    make_llama(model, tok_dir, "smollm2", 30)
+    hh = [f"HH_test.hh_test={a.data}", f"HH_test.num_sample={a.gen_prompts}", "HH_test.max_new_tokens=128",
+          "HH_test.max_prompt_length=512", "HH_test.do_sample=true", "vllm.enforce_eager=true", "vllm.chunk_size=64",
+          "vllm.gpu_memory_utilization=0.5", f"device={a.device}", f"precision={'bf16' if a.device == 'cuda' else 'fp32'}"]
+    out = {}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "hhdpo", "generate", "--config", SEED_CONFIG, "--backend", "vllm",
+                        "--models", f"gen={model}", f"run_dir={tmp / 'gen'}", *hh], cwd=REPO, capture_output=True,
+                       text=True, timeout=max(30.0, deadline - time.monotonic()), check=False)
+    m = re.search(r"\[generate\] gen: .*?([\d.]+) new tokens/s \((\d+) tokens in ([\d.]+) s, load ([\d.]+) s", p.stdout + p.stderr)
+    out["hhdpo"] = ({"tokens_per_s": float(m[1]), "tokens": int(m[2]), "secs": float(m[3]), "load_s": float(m[4])} if m
+                    else {"status": f"failed (rc {p.returncode})", "tail": (p.stdout + p.stderr)[-2000:]})
+    out["hhdpo"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["vllm"] = child("vllm", {"name": "vllm-raw", "model": str(model), "overrides": hh}, tmp,
+                        max(30.0, deadline - time.monotonic()))
+    return out
+
+
+def _cells(name: str, r: dict) -> list[str]:
+    padfree, compiled, pre = ROWS[name]
+    tps, u, loss = r.get("tokens_per_s"), r.get("mfu"), (r.get("losses") or [None])[0]
+    return [name, "precomputed" if pre else "live", "yes" if padfree else "no", "yes" if compiled else "no",
+            f"{tps:.0f}" if tps else "-", f"{100 * u:.1f}%" if u else "-",
+            f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-", f"{r['init_s']:.0f}" if "init_s" in r else "-",
+            f"{loss:.6f}" if loss is not None else "-", r["status"]]
+
+
+def report(res: dict, a) -> str:
+    """The markdown table of the rows (and of generation, where it ran)."""
+    m, env = res["model"], res["env"]
+    peak = env.get("peak_flops")
+    what = f"{m['layers']} Llama-3.1-8B-shaped layers" if m["shape"] == "llama8b" else f"a tiny Llama, {m['layers']} layer(s)"
+    flops = (f"FLOPs/token 8N live, 6N precomputed; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak
+             else "no bf16 peak known for this device: no MFU")
+    peak_gb = "max_memory_allocated" if env["device"] == "cuda" else "peak RSS"
+    about = (f"N = {m['matmul'] / 1e9:.3f}B matmul parameters ({m['total'] / 1e9:.3f}B in all, vocabulary {m['vocab']}); "
+             f"{flops}. max_len {a.max_len or 512}, activation checkpointing {a.ac}, token budget {a.token_budget or 'off'}, "
+             f"tokens/s = median step after {a.warmup} of {a.steps}; peak GB = {peak_gb}.")
+    lines = [f"## hhdpo DPO training on {env['device_name']}: {what}", "", about,
+             "", "| row | reference | padding-free | compiled | tokens/s | MFU | peak GB | set-up s | step-1 loss | status |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(_cells(k, res["rows"][k])) + " |" for k in ROWS if k in res["rows"]]
+    gen = res.get("generation")
+    if gen:
+        lines += ["", f"| generation: SmolLM2-shaped, {a.gen_prompts} prompts x 128 new tokens | new tokens/s | load s | status |",
+                  "|---|---:|---:|---|"]
+        for k, label in (("hhdpo", "hhdpo generate --backend vllm"), ("vllm", "vLLM LLM.generate")):
+            g = gen[k]
+            ok = "tokens_per_s" in g
+            lines.append(f"| {label} | {g['tokens_per_s']:.0f} | {g['load_s']:.0f} | ok |" if ok else f"| {label} | - | - | {g.get('status')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -124,121 +189,113 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default="smollm2", help="model (alias or directory) whose tokenizer to use (default: smollm2)")
     ap.add_argument("--data", type=Path, default=HH_DATA, help=f"the HH .jsonl.gz file (default: {HH_DATA})")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 8B-shaped model (default 4)")
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps of each small run (even)")
-    ap.add_argument("--big-steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s")
-    ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: as many as fit on the GPU; 1 on CPU)")
+    ap.add_argument("--rows", default=",".join(RUN_ORDER), help=f"comma-separated, run in this order (default: {','.join(RUN_ORDER)})")
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per row (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="leading steps left out of tokens/s (compilation, default 3)")
+    ap.add_argument("--ac", default="full", choices=["off", "full", "selective"], help="activation checkpointing (seed: full)")
+    ap.add_argument("--max-len", type=int, help="dataset.max_len (prompt: half); default: the seed's 512")
+    ap.add_argument("--batch-size", type=int, help="pairs per micro-batch (default: the seed's 2)")
+    ap.add_argument("--grad-accum", type=int, help="micro-batches per step (default: the seed's 2)")
+    ap.add_argument("--token-budget", type=int, default=0, help="dpo_training.max_tokens_per_micro_batch for every row (0: off)")
+    ap.add_argument("--row-timeout", type=float, default=300, help="seconds per row (default 300)")
+    ap.add_argument("--budget", type=float, help="start no row after this many seconds (default: 450 on a GPU, none on CPU)")
+    ap.add_argument("--gen-prompts", type=int, default=64, help="prompts of the generation comparison (where vLLM is)")
+    ap.add_argument("--checks", action="store_true", help="also the code-path runs of _gpu_paths.py (fp32, bf16, resume, export)")
+    ap.add_argument("--check-steps", type=int, default=12, help="steps of each --checks run (even)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON, and the table beside it as .md")
     a = ap.parse_args(argv)
+    bad = [r for r in a.rows.split(",") if r.strip() and r.strip() not in ROWS]
+    if bad:
+        ap.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
+    t_start = time.monotonic()
+    deadline = t_start + (a.budget or (450 if a.device == "cuda" else 1e9))
 
     import torch
 
+    from hhdpo.core.config_schema import DPOTrainingConfig
+    from hhdpo.core.models import resolve_model
+
     cuda = a.device == "cuda"
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": a.device}
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": a.device, "device_name": "CPU"}
     if cuda:
         if not torch.cuda.is_available():
-            raise SystemExit("gpu_check: no CUDA device (use --device cpu for the CPU variant)")
-        env.update(gpu=torch.cuda.get_device_name(0), nccl=".".join(map(str, torch.cuda.nccl.version())),
-                   bf16=torch.cuda.is_bf16_supported())
-    import transformers
-
-    env["transformers"] = transformers.__version__
+            raise SystemExit("gpu_check: no CUDA device (use --device cpu for the tiny CPU variant)")
+        props = torch.cuda.get_device_properties(0)
+        env.update(device_name=props.name, memory_gb=round(props.total_memory / 1e9, 1), peak_flops=peak_flops(props.name))
     print(f"[gpu-check] {env}", flush=True)
-    small, big = ("small", "big") if cuda else ("tiny", "tiny")
-    results, checks = {"env": env, "runs": []}, []
+    keys = {f.name for f in dataclasses.fields(DPOTrainingConfig)}
+    layers = a.layers or (layers_that_fit(props.total_memory) if cuda else 1)
+    pairs = a.steps * (a.batch_size or 2) * (a.grad_accum or 2)
+    a.raw_rows = pairs + pairs // 4 + 16  # a few HH records are skipped as unusable
+    res, checks = {"env": env, "rows": {}}, []
 
     def check(name: str, ok: bool, detail: str = "") -> None:
         checks.append({"check": name, "ok": bool(ok), "detail": detail})
         print(f"[gpu-check] {'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
 
-    from hhdpo.core.models import resolve_model
-
     tok_dir = Path(resolve_model(a.tokenizer))
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
-        n_small = make_llama(tmp / "small-model", tok_dir, small)
-        n_big = make_llama(tmp / "big-model", tok_dir, big, a.layers)
-        results.update(small_params=n_small, big_params=n_big)
-        print(f"[gpu-check] random Llamas: small {n_small / 1e6:.0f}M, big {n_big / 1e6:.0f}M parameters", flush=True)
-        data = [f"dataset.dataset_name={a.data}", f"HH_test.hh_test={a.data}", f"device={a.device}",
-                "dpo_training.lr_scheduler=constant", "dpo_training.warmup_steps=2", "dpo_training.log_steps=1",
-                "dpo_training.learning_rate=1e-5", "wandb.mode=disabled"]
-        common = [*data, "dataset.subset=train[:640]", "dataset.val_ratio=0.05", "dataset.max_len=256",
-                  "dataset.max_prompt_len=128", "dpo_training.batch_size=8", "checkpoint.save_steps=0"]
-        half = a.steps // 2
-        small_runs = [
-            ("fp32", ["precision=fp32", f"dpo_training.max_steps={a.steps}"]),
-            ("bf16", ["precision=bf16", f"dpo_training.max_steps={a.steps}"]),
-            ("bf16-resume", ["precision=bf16", f"dpo_training.max_steps={half}", f"checkpoint.save_steps={half}"]),
-            # the same run directory, now to the end: resumes from the checkpoint at `half`
-            ("bf16-resume", ["precision=bf16", f"dpo_training.max_steps={a.steps}"]),
-        ]
-        for name, extra in small_runs:
-            results["runs"].append(train(name, tmp, tmp / "small-model", common, extra))
-        big_args = [*data, "precision=bf16", "dataset.subset=train[:1200]", "dataset.val_ratio=0", "dataset.max_len=512",
-                    "dataset.max_prompt_len=256", "dpo_training.batch_size=4", f"dpo_training.max_steps={a.big_steps}",
-                    "dpo_training.activation_checkpointing=true", "checkpoint.save_steps=0"]
-        for name, extra in {"big-bf16": [], "big-bf16-grouped": ["dpo_training.group_by_length=true"]}.items():
-            results["runs"].append(train(name, tmp, tmp / "big-model", big_args, extra))
-
-        by = {r["name"]: r for r in results["runs"]}  # the second bf16-resume (the resumed one) wins
-        for r in results["runs"]:
-            bf16 = "bf16" in r["name"]
-            want = (f"world=1 device={a.device}{':0' if cuda else ''} backend={'nccl' if cuda else 'gloo'} "
-                    f"dtype=torch.{'bfloat16' if bf16 else 'float32'} fsdp={'yes' if bf16 else 'no'}")
-            check(f"{r['name']} ran", r["rc"] == 0 and want in r["log"], f"rc={r['rc']} want '{want}' in '{r['log']}'")
-        fp32, bf16, resumed = by["fp32"], by["bf16"]["losses"], by["bf16-resume"]["losses"]
-        if fp32["logps"] and bf16:
-            # policy = reference at step 1: the loss is ln 2 exactly when both compute alike
-            check("bf16 step-1 loss = ln 2", abs(bf16[0] - math.log(2)) < 1e-6 * math.log(2), f"{bf16[0]:.7f}")
-            x, y = by["bf16"]["logps"][0], fp32["logps"][0]
-            check("bf16 step-1 log-probs = fp32's", abs(x - y) / abs(y) < 2e-2, f"{x:.4f} vs {y:.4f} (rel {abs(x - y) / abs(y):.1e})")
-        if bf16 and len(resumed) == len(bf16):
-            worst = max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(resumed, bf16))
-            check("resumed losses = uninterrupted losses", worst < (1e-2 if cuda else 1e-5), f"worst rel diff {worst:.1e} over {len(bf16)} steps")
+        t0 = time.perf_counter()
+        res["model"] = make_llama(tmp / "model", tok_dir, "llama8b" if cuda else "tiny", layers)
+        print(f"[gpu-check] random Llama: {layers} layers, {res['model']['total'] / 1e9:.3f}B parameters "
+              f"({time.perf_counter() - t0:.0f} s to make)", flush=True)
+        n = res["model"]["matmul"]
+        for name in [r.strip() for r in a.rows.split(",") if r.strip()]:
+            overrides, why = row_overrides(a, name, tmp / "model", tmp, keys)
+            left = deadline - time.monotonic()
+            if why or left < 90:
+                res["rows"][name] = {"status": f"skipped: {why or 'time budget (--budget)'}"}
+                print(f"[gpu-check] {name}: {res['rows'][name]['status']}", flush=True)
+                continue
+            spec = {"name": name, "overrides": overrides, "warmup": a.warmup}
+            r = res["rows"][name] = child("row", spec, tmp, min(a.row_timeout, left), {"HHDPO_CACHE": str(tmp / name / "cache")})
+            if r["status"] == "failed (rc timeout)" and left < a.row_timeout:
+                r["status"] = f"skipped: cut at {left:.0f} s by the time budget (--budget)"
+            r["mfu"] = mfu(r.get("tokens_per_s"), (6 if ROWS[name][2] else 8) * n, env.get("peak_flops"))
+            print(f"[gpu-check] {name}: {r['status']} in {r['wall_s']:.0f} s" + (
+                f", {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gb']:.1f} GB, step-1 loss {r['losses'][0]:.6f}"
+                if r.get("tokens_per_s") else "") + ("\n" + r["tail"] if "tail" in r else ""), flush=True)
+        ran = {k: r for k, r in res["rows"].items() if r["status"] == "ok"}
+        for k, r in res["rows"].items():
+            if not r["status"].startswith("skipped"):
+                check(f"{k} ran", k in ran and r.get("rc") == 0 and r["steps"] == a.steps, r["status"])
+        for k, r in ran.items():
+            # eager live rows: policy and reference run the same kernels on the same weights; a compiled
+            # policy (train graph) and reference (no-grad graph), or a precompute's other batches, differ slightly
+            tol = 1e-2 if ROWS[k][1] or ROWS[k][2] else 1e-6
+            check(f"{k} step-1 loss = ln 2", ln2_gap(r["losses"][0]) < tol, f"{r['losses'][0]:.7f} (tolerance {tol:g})")
+        if len(ran) > 1:
+            per_step = {k: len(r["losses"]) for k, r in ran.items()}
+            check("every row took the same number of steps", len(set(per_step.values())) == 1, str(per_step))
+        if "padded" in ran:
+            ref = ran["padded"]["logps_chosen"][0]
+            for k in ("padfree", "compiled"):
+                if k in ran:
+                    x = ran[k]["logps_chosen"][0]
+                    check(f"{k} step-1 log-probs = padded's", abs(x - ref) / abs(ref) < (2e-2 if cuda else 1e-4), f"{x:.4f} vs {ref:.4f}")
+        if cuda and importlib.util.find_spec("vllm") and deadline - time.monotonic() > 120:
+            res["generation"] = generation(a, tmp, tok_dir, deadline)
         else:
-            check("resumed losses = uninterrupted losses", False, f"{len(resumed)} vs {len(bf16)} logged steps")
-        check("bf16-resume resumed", "resumed from" in (tmp / "bf16-resume.log").read_text())
-        for name in ("big-bf16", "big-bf16-grouped"):
-            tps = by[name]["tokens_per_s"][a.warmup:]
-            by[name]["steady_tokens_per_s"] = statistics.median(tps) if tps else None
-            # model FLOPs per token: 6N (policy forward + backward) + 2N (reference forward), attention ignored
-            by[name]["model_tflops"] = 8 * n_big * (by[name]["steady_tokens_per_s"] or 0) / 1e12
-        flat, grouped = by["big-bf16"], by["big-bf16-grouped"]
-        if flat["steady_tokens_per_s"] and grouped["steady_tokens_per_s"]:
-            results["grouped_over_flat_tokens_per_s"] = grouped["steady_tokens_per_s"] / flat["steady_tokens_per_s"]
-            print(f"[gpu-check] 8B-shaped, {a.layers} layers ({n_big / 1e9:.2f}B): tokens/s {flat['steady_tokens_per_s']:.0f} "
-                  f"({flat['model_tflops']:.0f} model TFLOP/s, peak {flat['peak_gpu_mib']} MiB); length-grouped "
-                  f"{grouped['steady_tokens_per_s']:.0f} (ratio {results['grouped_over_flat_tokens_per_s']:.2f})", flush=True)
+            print(f"[gpu-check] generation: not run ({'no vllm importable' if cuda else 'CPU variant'}"
+                  f"{'' if not cuda or deadline - time.monotonic() > 120 else ', or no time left'})", flush=True)
+        if a.checks:
+            from _gpu_paths import run_checks
 
-        export = tmp / "bf16" / "model"
-        from transformers import AutoModelForCausalLM
-
-        m = AutoModelForCausalLM.from_pretrained(export)
-        check("bf16 export loads", m.dtype == torch.bfloat16, f"dtype {m.dtype}")
-        del m
-        gen = [f"run_dir={tmp / 'bf16'}", f"policy_model={tmp / 'small-model'}", f"ref_model={tmp / 'small-model'}", *data[:3], "HH_test.num_sample=8",
-               "HH_test.max_new_tokens=32"]
-        backends = ["transformers"] + (["vllm"] if cuda and importlib.util.find_spec("vllm") else [])
-        if "vllm" not in backends:  # (vLLM's CPU attention has no kernel for the tiny model's head size)
-            print(f"[gpu-check] vllm generation not run: {'not installed here' if cuda else 'CPU variant'}", flush=True)
-        for backend in backends:
-            rc, out, wall = hhdpo("generate", "--config", CONFIG, "--backend", backend, *gen,
-                                  f"HH_test.HH_test_policy_out=eval/policy_{backend}.jsonl",
-                                  f"HH_test.HH_test_base_out=eval/base_{backend}.jsonl", log=tmp / f"generate-{backend}.log")
-            outs = tmp / "bf16" / "eval" / f"policy_{backend}.jsonl"
-            rows = outs.read_text().splitlines() if outs.is_file() else []
-            check(f"generate --backend {backend}", rc == 0 and len(rows) == 8, f"rc={rc}, {len(rows)} rows, {wall:.0f} s")
-            if rc:
-                print(out[-3000:], flush=True)
-            results[f"generate_{backend}_s"] = round(wall, 1)
+            res["paths"] = run_checks(a, tmp, tok_dir, check)
     finally:
-        results["checks"] = checks
+        res["checks"] = checks
+        res["wall_s"] = round(time.monotonic() - t_start, 1)
+        table = report(res, a) if "model" in res else ""
+        print("\n" + table + "\n", flush=True)
         if a.out:
-            a.out.write_text(json.dumps(results, indent=1))
+            a.out.write_text(json.dumps(res, indent=1))
+            a.out.with_suffix(".md").write_text(table + "\n")
         shutil.rmtree(tmp, ignore_errors=True)
     failed = [c["check"] for c in checks if not c["ok"]]
-    print(f"[gpu-check] {len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    print(f"[gpu-check] {len(checks) - len(failed)}/{len(checks)} checks passed in {res['wall_s']:.0f} s"
+          + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -127,7 +127,7 @@ def worker(mode: str, model_dir: str, warmup_dir: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    import hhdpo.train as ht
+    import hhdpo.training.trainer as ht
     from hhdpo.core.config import Config
 
     torch.set_num_threads(1)

@@ -56,8 +56,13 @@ class DPOTrainingConfig:
     reference_free: bool = False
     average_log_prob: Optional[bool] = None  # length-averaged log-probs instead of sums; null = auto: averaged for ipo (as its paper and TRL), summed otherwise; saved resolved
     precompute_ref_log_probs: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute the policy's decoder layers in backward (less activation memory)
+    ac_mode: str = "full"  # with activation_checkpointing: full (keep each layer's input only) | selective (op-level: also keep matmul and attention outputs, recompute the element-wise rest)
+    compile: bool = False  # torch.compile each decoder layer of the policy and reference (first steps compile: ~1 min)
     group_by_length: Optional[bool] = None  # forward a micro-batch's rows in length-sorted groups (less padding); null = on for one unwrapped process on CPU, else off
+    padding_free: Optional[bool] = None  # forward a micro-batch's chosen and rejected rows packed into one row, no padding, each sequence attending only to itself (overrides group_by_length); null = on on CPU and on a GPU whose model runs flash-attention, else off
+    logits_chunk_tokens: int = 1024  # LM head over at most this many response tokens at once, recomputed in backward (no [tokens, vocab] fp32 logits); 0 = all at once
+    max_tokens_per_micro_batch: int = 0  # 0 = off: batch_size pairs per micro-batch; else each rank forwards its batch_size x gradient_accumulation_steps pairs of a step in micro-batches of at most this many real (unpadded) tokens, prompt+chosen + prompt+rejected per pair (a longer pair alone); steps, LR and resume unchanged
     fsdp: Optional[bool] = None  # shard with FSDP2; null = with more than one rank or bf16 (its mixed precision); true = also one fp32 process (a multi-GPU run's code path on one device)
     fsdp_layer_cls: list[str] = field(default_factory=list)  # default: model._no_split_modules
     seed: int = 42
@@ -74,6 +79,9 @@ class DPOTrainingConfig:
         yield "max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 or an integer >= 1"
         yield "batch_size", self.batch_size >= 1, "an integer >= 1"
         yield "gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "an integer >= 1"
+        yield "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0, "an integer >= 0 (0 = off)"
+        yield "logits_chunk_tokens", self.logits_chunk_tokens >= 0, "an integer >= 0 (0 = the whole head at once)"
+        yield "ac_mode", self.ac_mode in ("full", "selective"), "one of full, selective"
         yield "learning_rate", self.learning_rate > 0, "a number > 0"
         yield "weight_decay", self.weight_decay >= 0, "a number >= 0"
         yield "lr_scheduler", self.lr_scheduler in ("constant", "linear", "cosine"), "one of constant, linear, cosine"

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from hhdpo.data.packing import pair_rows
+
 
 def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     import torch
@@ -65,8 +67,7 @@ def collate_groups(examples: list[dict], pad_id: int, by_length: bool = False) -
     """
     import torch
 
-    rows = [(ex["prompt_ids"] + ex[key], [-100] * len(ex["prompt_ids"]) + ex[key])
-            for key in ("chosen_ids", "rejected_ids") for ex in examples]
+    rows = pair_rows(examples)
     parts = length_partition([len(s) for s, _ in rows]) if by_length else [list(range(len(rows)))]
     return [{**_pad([rows[i] for i in part], pad_id), "rows": torch.tensor(part, dtype=torch.long)} for part in parts]
 

@@ -12,6 +12,7 @@ from hhdpo.core.config import Config, ConfigError
 from hhdpo.core.models import decoder_layer_classes, load_model, resolve_model
 from hhdpo.data.hh import load_pairs
 from hhdpo.training.checkpoint import find_resume_checkpoint, starts_over
+from hhdpo.training.parallelize import checkpoint_layers, compile_layers, decoder_layers, shard_layers
 from hhdpo.training.precision import warn_if_cpu_bf16_emulated
 from hhdpo.training.sharded_load import load_sharded, meta_model
 
@@ -84,7 +85,7 @@ def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, c
     sharded with FSDP2 over ``world`` ranks when ``shard`` (else plain on ``device``); returns
     (model, its HF config, architecture name)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     # fp32 master weights for training (bf16 only as FSDP's compute dtype); a frozen model needs no fp32 copy
     dtype = torch.float32 if trainable else compute_dtype
@@ -95,16 +96,18 @@ def build_model(cfg: Config, spec: str, trainable: bool, device: torch.device, c
     arch = type(model).__name__
     model.config.use_cache = False
     disable_dropout(model)  # after the copy: the exported config keeps the base model's rates
-    if trainable and cfg.dpo_training.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    t = cfg.dpo_training
+    checkpointed = trainable and t.activation_checkpointing
+    layers = decoder_layers(model, decoder_layer_classes(model, t.fsdp_layer_cls)) if shard or t.compile or checkpointed else []
+    # torchtitan's order (hhdpo.training.parallelize): checkpoint, compile, then shard
+    if checkpointed:
+        checkpoint_layers(layers, t.ac_mode)
+    if t.compile:
+        compile_layers(layers)
     if shard:
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if dtype != compute_dtype else MixedPrecisionPolicy()
-        layer_cls = decoder_layer_classes(model, cfg.dpo_training.fsdp_layer_cls)
-        for module in model.modules():
-            if isinstance(module, layer_cls):
-                fully_shard(module, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        shard_layers(model, layers, mesh, mp, trainable)
         load_sharded(model, spec, device)
     else:
         model.to(device)

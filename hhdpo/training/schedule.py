@@ -32,6 +32,7 @@ class Schedule:
     validations: int  # every eval_steps before the end, and the final one
     checkpoints: int  # every save_steps, and the final one unless it fell on a save step
     val_pairs_scored: int  # pairs one validation scores (whole batches on every rank)
+    max_tokens: int = 0  # dpo_training.max_tokens_per_micro_batch: a rank's pairs of a step forwarded within this budget
 
     @property
     def global_batch(self) -> int:
@@ -62,7 +63,8 @@ def schedule(pairs: int, world: int, cfg) -> Schedule:
     save = cfg.checkpoint.save_steps
     checkpoints = (total // save if save else 0) + (0 if save and total % save == 0 else 1)
     return Schedule(pairs, n_train, n_val, world, t.batch_size, t.gradient_accumulation_steps, steps_per_epoch,
-                    total, t.warmup_steps, tail_warmup, t.eval_steps, save, validations, checkpoints, val_scored)
+                    total, t.warmup_steps, tail_warmup, t.eval_steps, save, validations, checkpoints, val_scored,
+                    t.max_tokens_per_micro_batch)
 
 
 def _count(n: int, word: str) -> str:
@@ -78,7 +80,8 @@ def schedule_line(s: Schedule) -> str:
     val = _when(s.eval_steps, s.total_steps) if s.validations else "validation split smaller than one batch across ranks"
     return (f"schedule: {s.pairs:,} pairs ({s.train_pairs:,} train, {s.val_pairs:,} val), "
             f"global batch {s.global_batch:,} = {s.world} ranks x {s.batch_size} x {s.accumulation} accumulation, "
-            f"{s.steps_per_epoch:,} steps/epoch, {s.total_steps:,} total steps ({s.epochs:g} epoch{'' if s.epochs == 1 else 's'}), "
+            + (f"micro-batches of <= {s.max_tokens:,} real tokens, " if s.max_tokens else "")
+            + f"{s.steps_per_epoch:,} steps/epoch, {s.total_steps:,} total steps ({s.epochs:g} epoch{'' if s.epochs == 1 else 's'}), "
             f"warmup {s.warmup_steps:,} ({s.warmup_steps / s.total_steps:.1%}), "
             f"{_count(s.validations, 'validation')} ({val}), "
             f"{_count(s.checkpoints, 'checkpoint')} ({_when(s.save_steps, s.total_steps)})")

@@ -20,6 +20,7 @@ from hhdpo.core.io import DataError, atomic_write_json
 from hhdpo.core.models import cache_dir, load_tokenizer, resolve_model
 from hhdpo.data.batching import rank_batches
 from hhdpo.data.hh import load_pairs, train_val_split
+from hhdpo.data.token_budget import pair_tokens, plan_forwards
 from hhdpo.training import rank0
 from hhdpo.training.checkpoint import kept_run_state
 from hhdpo.training.forward import pair_batch, response_logps
@@ -32,6 +33,7 @@ from hhdpo.training.metrics import (
     train_record,
 )
 from hhdpo.training.optim import make_optimizer, optimizer_step, set_grad_sync
+from hhdpo.training.packed_attention import default_padding_free
 from hhdpo.training.ref_logps import cached_or_computed, compute_all, ref_cache_path
 from hhdpo.training.runtime import build_model, resolve_runtime
 from hhdpo.training.schedule import schedule, schedule_line, schedule_warnings
@@ -54,8 +56,10 @@ class DPOTrainer(TrainStateMixin):
         process in fp32 there is nothing to shard: the model runs unwrapped, unless
         ``dpo_training.fsdp: true`` (the multi-GPU code path on one device). bf16 always runs
         through FSDP2's mixed precision, so the policy and the reference compute alike.
-      - LM head (vocabulary projection) only at positions that predict a response token, and
-        each micro-batch's chosen+rejected rows forwarded in length-sorted groups, each padded
+      - LM head (vocabulary projection) only at positions that predict a response token, in chunks
+        recomputed in backward (``logits_chunk_tokens``; ``hhdpo.training.chunked_head``), and each
+        micro-batch's chosen+rejected rows packed into one row without padding (``padding_free``;
+        ``hhdpo.training.packed_attention``), or forwarded in length-sorted groups, each padded
         only to its own longest row, split to minimise padded tokens plus a per-forward cost
         (``group_by_length``; on by default for one unwrapped process on CPU).
       - Frozen reference model sharded the same way, or reference log-probs precomputed
@@ -65,7 +69,8 @@ class DPOTrainer(TrainStateMixin):
         reduced in fp32 and fp32 (fused) AdamW state on GPU (``MixedPrecisionPolicy``).
       - Losses: sigmoid/cDPO, robust, hinge, IPO, reference-free (``hhdpo.training.loss``); summed or
         length-averaged log-probs (averaged by default for IPO).
-      - Gradient accumulation (reduce-scattered every micro-batch; ``defer_grad_sync``: only the last), clipping,
+      - Gradient accumulation (reduce-scattered every micro-batch; ``defer_grad_sync``: only the last), or a step's
+        pairs forwarded by a token budget (``max_tokens_per_micro_batch``; ``hhdpo.data.token_budget``), clipping,
         linear warmup then constant/linear/cosine decay, activation checkpointing.
       - Tail test on all-gathered margins with optional adaptive beta (``hhdpo.training.tail``).
       - Metrics (names in ``hhdpo.training.metrics``) to ``metrics.jsonl``, W&B (rank 0) and a tqdm bar;
@@ -146,6 +151,8 @@ class DPOTrainer(TrainStateMixin):
 
         # models
         self.policy, self.hf_config, self.arch = self._build_model(cfg.policy_model, trainable=True)
+        # one packed row per micro-batch, no padding (hhdpo.training.packed_attention: where it is on by default)
+        self.padding_free = t.padding_free if t.padding_free is not None else default_padding_free(self.device, self.policy)
         self.ref_logps = None
         self.ref = None
         if not t.reference_free:
@@ -187,10 +194,12 @@ class DPOTrainer(TrainStateMixin):
     # ------------------------------------------------------------------ forward
 
     def _batch(self, idxs: list[int]) -> dict:
-        return pair_batch([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length, self.device)
+        return pair_batch([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length, self.device,
+                          self.padding_free)
 
     def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return response_logps(model, batch, self.cfg.dpo_training.average_log_prob)
+        t = self.cfg.dpo_training
+        return response_logps(model, batch, t.average_log_prob, t.logits_chunk_tokens)
 
     def _ref(self, idxs: list[int], batch: dict):
         if self.cfg.dpo_training.reference_free:
@@ -222,25 +231,47 @@ class DPOTrainer(TrainStateMixin):
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, group: list[list[int]]) -> tuple[dict, np.ndarray]:
-        """One optimizer step over ``group`` micro-batches; returns summed stats and local margins."""
+    def _deal(self, idx, epoch: int) -> dict[int, list[list[int]]]:
+        """Micro-batches (pair ids) of ``idx`` in ``epoch`` by rank: this rank's, and with a token budget every
+        rank's (each rank plans all ranks' forwards alike, without communicating)."""
+        t, n = self.cfg.dpo_training, len(idx)
+        return {r: [[int(idx[i]) for i in b] for b in rank_batches(n, t.batch_size, r, self.world, epoch, self.cfg.dataset.seed)]
+                for r in (range(self.world) if t.max_tokens_per_micro_batch else [self.rank])}
+
+    def _plan(self, dealt: dict, start: int, count: int) -> list[list[int]] | None:
+        """With a token budget, this rank's forwards (positions into its pairs of micro-batches
+        [start, start+count)), as many as every other rank's (``hhdpo.data.token_budget``); else None."""
+        budget = self.cfg.dpo_training.max_tokens_per_micro_batch
+        if not budget:
+            return None
+        shares = [[i for b in dealt[r][start:start + count] for i in b] for r in range(self.world)]
+        return plan_forwards([[pair_tokens(self.examples[i]) for i in s] for s in shares], budget)[self.rank]
+
+    def train_step(self, group: list[list[int]], forwards: list[list[int]] | None = None) -> tuple[dict, np.ndarray]:
+        """One optimizer step over this rank's ``group`` micro-batches, forwarded as they are or as ``forwards``
+        (positions into the group's pairs, :meth:`_plan`); returns summed stats and local margins in pair order."""
         t = self.cfg.dpo_training
-        ga = len(group)
+        pairs = [i for b in group for i in b]
+        forwards = forwards or np.split(np.arange(len(pairs)), len(group))  # as dealt: micro-batches of batch_size
         sums = torch.zeros(len(PAIR_SUMS) + 2, device=self.device, dtype=torch.float64)  # + pairs, tokens
         margins = []
-        for i, idxs in enumerate(group):
+        for i, fw in enumerate(forwards):
+            idxs = [pairs[p] for p in fw]
             batch = self._batch(idxs)
-            set_grad_sync(self.policy, i, ga, t.defer_grad_sync)
+            set_grad_sync(self.policy, i, len(forwards), t.defer_grad_sync)
             pc, pr = self._logps(self.policy, batch)
             rc, rr = self._ref(idxs, batch)
             losses, cr, rj = preference_loss(pc, pr, rc, rr, self.beta, t.loss_type, t.label_smoothing, t.reference_free)
-            (losses.mean() / ga).backward()
+            # every rank holds len(pairs) pairs and FSDP averages gradients over ranks: each pair weighs
+            # 1 / (world x len(pairs)), the mean over the step's pairs however they are forwarded
+            (losses.sum() / len(pairs)).backward()
             margins.append(implicit_margins(pc, pr, rc, rr).float())
             sums += torch.cat([pair_sums(losses, cr, rj, pc, pr),
                                torch.stack([torch.tensor(float(len(idxs)), device=self.device), batch["tokens"]]).double()])
         grad_norm, lr = optimizer_step(self.policy, self.opt, self.sched, t.max_grad_norm)
         dist.all_reduce(sums)
-        local = torch.cat(margins)
+        local = torch.empty(len(pairs), device=self.device)
+        local[torch.tensor([p for fw in forwards for p in fw], device=self.device)] = torch.cat(margins)  # pair order
         gathered = torch.zeros(self.world * local.numel(), device=self.device, dtype=local.dtype)
         _all_gather(gathered, local)
         *s, n, tokens = sums.tolist()
@@ -256,8 +287,10 @@ class DPOTrainer(TrainStateMixin):
         t = self.cfg.dpo_training
         self.policy.eval()
         sums = torch.zeros(len(PAIR_SUMS) + 1, device=self.device, dtype=torch.float64)  # + pairs
-        for local in rank_batches(len(self.val_idx), t.batch_size, self.rank, self.world, 0, self.cfg.dataset.seed):
-            idxs = [int(self.val_idx[i]) for i in local]
+        dealt = self._deal(self.val_idx, 0)
+        # a token budget splits each batch further, as many forwards on every rank (validation sums: any split scores alike)
+        forwards = [[b[p] for p in fw] for j, b in enumerate(dealt[self.rank]) for fw in self._plan(dealt, j, 1) or [range(len(b))]]
+        for idxs in forwards:
             batch = self._batch(idxs)
             pc, pr = self._logps(self.policy, batch)
             rc, rr = self._ref(idxs, batch)
@@ -279,12 +312,13 @@ class DPOTrainer(TrainStateMixin):
         bar = tqdm(total=self.total_steps, initial=self.step, desc="dpo", disable=not self.is_main, dynamic_ncols=True)
         try:
             while self.step < self.total_steps:
-                batches = rank_batches(len(self.train_idx), t.batch_size, self.rank, self.world, self.epoch, self.cfg.dataset.seed)
+                dealt = self._deal(self.train_idx, self.epoch)
+                batches = dealt[self.rank]
                 usable = len(batches) // ga * ga
                 while self.batch_in_epoch < usable and self.step < self.total_steps:
-                    group = [[int(self.train_idx[i]) for i in b] for b in batches[self.batch_in_epoch:self.batch_in_epoch + ga]]
+                    group = batches[self.batch_in_epoch:self.batch_in_epoch + ga]
                     t0 = time.perf_counter()
-                    stats, margins = self.train_step(group)
+                    stats, margins = self.train_step(group, self._plan(dealt, self.batch_in_epoch, ga))
                     self.step += 1
                     self.batch_in_epoch += ga
                     add_step(self.window, stats, time.perf_counter() - t0)
