@@ -57,11 +57,8 @@ class Target:
 
 
 def load_prompts(cfg, log=print) -> list[Pair]:
-    """The evaluation prompts: HH test pairs shuffled with ``HH_test.seed``, first num_sample.
-
-    Returns a list whose position is the record ``idx``. The permutation does not depend on
-    num_sample, so a larger num_sample extends the same list.
-    """
+    """The evaluation prompts: HH test pairs shuffled with ``HH_test.seed``, first num_sample; a prompt's
+    position is its record ``idx`` (the permutation does not depend on num_sample: more extends the list)."""
     hh = cfg.HH_test
     pairs, _ = load_pairs(hh.hh_test, hh.split, hh.data_dirs, log=log)
     order = np.random.default_rng(hh.seed).permutation(len(pairs))
@@ -69,9 +66,8 @@ def load_prompts(cfg, log=print) -> list[Pair]:
 
 
 def render_prompt(pair: Pair, tokenizer, max_prompt_length: int, use_chat_template: bool = True) -> list[int]:
-    """Prompt token ids as in training (chat template + generation prompt), at most
-    ``max_prompt_length``: the trainer's own :func:`hhdpo.data.hh.fit_prompt` (a well-formed chat
-    that keeps the latest turns)."""
+    """Prompt token ids as in training (chat template + generation prompt), at most ``max_prompt_length``:
+    the trainer's own :func:`hhdpo.data.hh.fit_prompt` (a well-formed chat that keeps the latest turns)."""
     return fit_prompt(pair, tokenizer, max_prompt_length, use_chat_template)[1]
 
 
@@ -117,11 +113,9 @@ def _targets(cfg, models: dict[str, str]) -> list[Target]:
 
 
 def _settings(cfg, t: Target) -> dict:
-    """Record fields that must match for a rerun to append to an existing output file.
-
-    ``weights_fingerprint`` changes when the weights in ``t.path`` are rewritten (more training
-    into the same save_dir) or a Hub id resolves to another snapshot, which the name alone does
-    not show."""
+    """Record fields that must match for a rerun to append to an existing output file. ``weights_fingerprint``
+    changes when the weights in ``t.path`` are rewritten (more training into the same save_dir) or a Hub
+    id resolves to another snapshot, which the name alone does not show."""
     hh = cfg.HH_test
     hub = not Path(t.spec).expanduser().exists() and t.spec not in ALIASES and Path(t.path) != Path(t.spec)
     return {
