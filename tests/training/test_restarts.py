@@ -291,11 +291,13 @@ def test_wandb_resume_reuses_the_run_and_rewinds_past_abandoned_steps(tmp_path, 
     branch = _branch_point(_wandb_runs(save)[-1])
     assert branch == {"run_id": rid, "step": 2}, branch
 
-    # and again (its newest checkpoint is its last step): the same id, nothing to rewind
-    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, save, **{"dpo_training.max_steps": 6}), *common,
+    # and again, trained further (the same command would find the run done): its newest checkpoint, the
+    # same id, nothing to rewind
+    r = run_cli("train", "--config", CFG, *base_overrides(hh_file, save, **{"dpo_training.max_steps": 8}), *common,
                 f"checkpoint.resume={save / 'checkpoints' / 'step_0000002'}", env=env)
     assert r.returncode == 0 and "rewound" not in r.stdout, r.stdout[-3000:]
     assert "resumed from " + str(save / "checkpoints" / "step_0000006") in r.stdout
+    assert _steps(save) == list(range(1, 9))
     runs = _wandb_runs(save)
     assert len(runs) == 3 and all(p.name.endswith("-" + rid) for p in runs)
     assert _branch_point(runs[-1]) is None
