@@ -99,9 +99,10 @@ def vllm_judge(tmp_path_factory):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """Group the service tests for xdist (tests/service_groups.py), and run the tests that use
+    """Known-slow tests first, group the service tests for xdist (tests/service_groups.py), and run the tests that use
     ``vllm_judge`` one after another (from where the first one is), so the shared server is up
     only while they run. Every other test keeps its order."""
+    service_groups.slowest_first(items)
     service_groups.mark(config, items)
     users = [it for it in items if "vllm_judge" in getattr(it, "fixturenames", ())]
     if len(users) > 1:

@@ -60,6 +60,26 @@ def mark(config, items) -> None:
         tmp.replace(Path(out) / f"{config.workerinput['workerid']}.json")
 
 
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def slowest_first(items) -> None:
+    """Known-slow tests first (seconds from a clean-clone CI run's ``--durations``, in durations.json):
+    xdist hands out tests one unit at a time, so a long test started last keeps one worker busy while
+    the other idles. Modules stay whole (their module-scoped fixtures are set up once), the one with
+    the slowest test first, and so are tests within a module; unknown ones keep their order. Only the
+    order depends on the file: refresh it from a CI log when the slow tests change."""
+    try:
+        seconds = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        return
+    module = {}
+    for it in items:
+        path = it.nodeid.split("::", 1)[0]
+        module[path] = max(module.get(path, 0), seconds.get(it.nodeid, 0))
+    items.sort(key=lambda it: (-module[it.nodeid.split("::", 1)[0]], -seconds.get(it.nodeid, 0)))  # stable
+
+
 def make_scheduler(config, log):
     if getattr(config.option, "dist", "no") != "loadgroup" or not os.environ.get(ENV):
         return None
