@@ -65,9 +65,9 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
         print(f"hhdpo train: {signal.Signals(held_signal()).name} before the workers started; exiting "
               f"{EXIT_PREEMPTED} (requeue to run)", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-               **{STATE_REPORTED_BY_LAUNCHER: "1"})
     started = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+               **{STATE_REPORTED_BY_LAUNCHER: "1"}, **({_STATE_ENV: f"{state_file}@{started}"} if state_file else {}))
     proc = subprocess.Popen(cmd, env=env)
 
     def forward(signum, _frame):
@@ -95,17 +95,39 @@ def local_rendezvous() -> list[str]:
             "--local-addr=127.0.0.1"]
 
 
+# run_under_torchrun -> torchrun_main: "<run_state.json>@<launch time>"
+_STATE_ENV = "HHDPO_LAUNCH_RUN_STATE"
+
+
+def _completed_in_this_launch() -> bool:
+    path, _, started = os.environ.get(_STATE_ENV, "").rpartition("@")
+    try:
+        state = Path(path)
+        return bool(path) and state.stat().st_mtime >= float(started) and json.loads(state.read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
 def torchrun_main(argv: list[str]) -> int:
     """``torch.distributed.run.main(argv)``; a stop signal that ended it (torchrun raises
     ``SignalException`` once its workers are gone, printed as a 28-line traceback) is a quiet
-    ``128 + signal`` instead. Everything else (a failed worker's error table, bad options) as torchrun."""
+    ``128 + signal`` instead, and so is a worker that died after the run completed (gloo's
+    teardown without a network has aborted a rank at exit: the run and its files are whole).
+    Everything else (a failed worker's error table, bad options) as torchrun."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     try:
         main(argv)
     except SignalException as e:
         return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        if not _completed_in_this_launch():
+            raise
+        ranks = ", ".join(f"rank {f.local_rank} (exit {f.exitcode})" for f in e.failures.values())
+        print(f"hhdpo train: warning: {ranks} ended abnormally after the run completed, while exiting; "
+              "the run and its files are complete", file=sys.stderr, flush=True)
     return 0
 
 

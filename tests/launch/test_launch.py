@@ -238,3 +238,30 @@ def test_stop_signal_during_final_validation_checkpoints_and_a_rerun_completes(t
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resumed from" in p.stdout and (save / "model.safetensors").is_file()
     assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "eval/loss" in r] == [2]
+
+
+def test_a_worker_dying_after_the_run_completed_is_a_warning_not_a_failure(tmp_path, monkeypatch, capsys):
+    """gloo's teardown without a network has aborted a rank at exit, after the run completed and its
+    files were written: torchrun's error table (naming the host) became a warning and exit 0. A worker
+    that fails before the run completed (or a state from an earlier launch) is torchrun's error as before."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from hhdpo.launch import torchrun
+
+    def failing(_argv):
+        raise ChildFailedError("hhdpo", {1: ProcessFailure(local_rank=1, pid=123, exitcode=-6, error_file="")})
+
+    monkeypatch.setattr(torch.distributed.run, "main", failing)
+    state = tmp_path / "run_state.json"
+    launched = time.time() - 1
+    monkeypatch.setenv("HHDPO_LAUNCH_RUN_STATE", f"{state}@{launched}")
+    state.write_text(json.dumps({"status": "completed", "step": 1}))
+    assert torchrun.torchrun_main([]) == 0
+    assert "rank 1 (exit -6) ended abnormally after the run completed" in capsys.readouterr().err
+    for status, mtime in (("running", None), ("completed", launched - 60)):  # unfinished; an earlier launch's
+        state.write_text(json.dumps({"status": status}))
+        if mtime:
+            os.utime(state, (mtime, mtime))
+        with pytest.raises(ChildFailedError):
+            torchrun.torchrun_main([])
