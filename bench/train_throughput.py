@@ -69,20 +69,10 @@ from _throughput_children import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {  # name: (framework, precision, precompute, padding-free)
-    "hhdpo-fp32": ("hhdpo", "fp32", False, False),
-    "hhdpo-bf16": ("hhdpo", "bf16", False, False),
-    "hhdpo-fp32-pre": ("hhdpo", "fp32", True, False),
-    "hhdpo-bf16-pre": ("hhdpo", "bf16", True, False),
-    "hhdpo-fp32-pf": ("hhdpo", "fp32", False, True),
-    "hhdpo-bf16-pf": ("hhdpo", "bf16", False, True),
-    "hhdpo-fp32-pre-pf": ("hhdpo", "fp32", True, True),
-    "hhdpo-bf16-pre-pf": ("hhdpo", "bf16", True, True),
-    "trl-fp32": ("trl", "fp32", False, False),
-    "trl-bf16": ("trl", "bf16", False, False),
-    "trl-fp32-pre": ("trl", "fp32", True, False),
-    "trl-bf16-pre": ("trl", "bf16", True, False),
-}
+# name: (framework, precision, precompute, padding-free); e.g. hhdpo-fp32, hhdpo-bf16-pre-pf, trl-fp32-pre
+CONFIGS = {f"{fw}-{prec}{'-pre' if pre else ''}{'-pf' if pf else ''}": (fw, prec, pre, pf)
+           for fw, pf in (("hhdpo", False), ("hhdpo", True), ("trl", False))
+           for pre in (False, True) for prec in ("fp32", "bf16")}
 RESULT_TAG = "BENCH_RESULT "
 
 
