@@ -113,6 +113,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     service_groups.configure(config)
+    service_groups.share_cores(config)
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) sees every report
         config.pluginmanager.register(service_groups.BusyTime(), "hhdpo-busy-time")
 
