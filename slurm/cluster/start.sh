@@ -179,7 +179,8 @@ wait_for munged 20 bash -c "munge -n -S '$SOCK' | unmunge -S '$SOCK'"
 say "munged up"
 
 # --- slurm.conf ---------------------------------------------------------------------------------
-cpus=$(nproc)
+# the CPUs this process may use; nproc would print OMP_NUM_THREADS instead where it is set
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
 cat >"$ETC/plugstack.conf" <<EOF
 # empty: no SPANK plugins
