@@ -65,7 +65,7 @@ def run_cli(*args, env=None, timeout=900, cwd=None):
 
 
 class SharedJudgeServer:
-    """One real vLLM judge server (SmolLM2 on CPU, ~1-2 min to start) for the tests that judge
+    """One real vLLM judge server (SmolLM2 on CPU, ~30 s to start on an idle machine) for the tests that judge
     against one: :meth:`get` starts it on first use (again if it was stopped), :meth:`stop`
     ends it; the session's end stops it too."""
 

@@ -269,7 +269,7 @@ async def judge_files(in_files, out_files=None, settings: JudgeSettings | None =
 def judge_run(settings: JudgeSettings, in_files, out_files=None, *, log=None, server_log=None) -> RunStats:
     """Judge files with ``settings.judge``'s endpoint: the OpenAI API, ``judge.base_url``, or
     (no key, no base URL) a local vLLM judge served for this run, logging to ``server_log``."""
-    for p in in_files:  # bad input fails now, not after a local judge took ~40 s to start
+    for p in in_files:  # bad input fails now, not after a local judge took ~30 s to start
         load_pairs(p)
     with judge_endpoint(settings.judge, log_file=server_log) as (jc, served):
         run = dataclasses.replace(settings, judge=jc)

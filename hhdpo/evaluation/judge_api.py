@@ -118,7 +118,7 @@ def judge_endpoint(jc: JudgeConfig, log_file=None):
     from hhdpo.evaluation.serve import VLLMServer
 
     print(f"hhdpo judge: no OPENAI_API_KEY and no judge.base_url: serving {jc.serve_model!r} locally "
-          "with vLLM (takes ~40 s to start)", file=sys.stderr)
+          "with vLLM (takes ~30 s to start on CPU)", file=sys.stderr)
     with VLLMServer(jc.serve_model, log_file=log_file) as server:
         yield dataclasses.replace(jc, base_url=server.base_url, model=server.served_name), True
 

@@ -1,7 +1,7 @@
 """The local vLLM judge (hhdpo.evaluation.serve).
 
 The slow test takes the session's real server on SmolLM2-135M (conftest's ``vllm_judge``,
-CPU, ~40 s to start on an idle machine, ~4.6 GB RAM; tests/evaluation/test_eval_e2e.py judges with the
+CPU, ~30 s to start on an idle machine, ~4.6 GB RAM; tests/evaluation/test_eval_e2e.py judges with the
 same one, and runs just before), judges 4 real HH pairs through `hhdpo judge` over the
 Responses API with the strict template's JSON schema, checks that every verdict parses,
 then stops the server and checks that its whole process group is gone. The fast tests

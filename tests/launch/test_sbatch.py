@@ -490,9 +490,8 @@ def test_time_limit_signal_is_a_timeout_and_the_cap_stops_requeueing(slurm_clust
     assert list((run / "model" / "checkpoints").glob("step_*/meta.json"))
 
 
-# SmolLM2, tiny. Generation through transformers: each vLLM CPU engine start costs minutes on this
-# 2-core machine (the vLLM path is tested in test_generate and test_eval_e2e); the judge is the
-# local vLLM one, as in `hhdpo eval` without a key.
+# SmolLM2, tiny. Generation through transformers (the vLLM path is tested in test_generate and
+# test_eval_e2e); the judge is the local vLLM one, as in `hhdpo eval` without a key.
 PIPE_ARGS = ("dataset.subset=train[:64]", "dataset.max_len=64", "dataset.max_prompt_len=40", "dataset.val_ratio=0",
              "dpo_training.batch_size=2", "dpo_training.max_steps=2", "dpo_training.log_steps=1", "checkpoint.save_steps=0",
              "HH_test.num_sample=4", "HH_test.max_new_tokens=16", "HH_test.backend=transformers",

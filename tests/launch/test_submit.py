@@ -2,9 +2,9 @@
 
 Cluster jobs of this module are submitted at once (fixture ``jobs``) so that SLURM runs them side
 by side; each test then waits for its own. Training uses the tests' tiny random Llama on a few HH
-pairs; generation uses transformers (vLLM's CPU engine start costs minutes here and is tested in
-test_generate/test_eval_e2e); the judge is the fake OpenAI Responses server (a paid remote service)
-over HTTP on 127.0.0.1, read by the real openai client in the jobs.
+pairs; generation uses transformers (vLLM is tested in test_generate/test_eval_e2e); the judge is
+the fake OpenAI Responses server (a paid remote service) over HTTP on 127.0.0.1, read by the real
+openai client in the jobs.
 """
 
 from __future__ import annotations
