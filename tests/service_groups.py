@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,16 +43,15 @@ def configure(config) -> None:
 
 
 def share_cores(config) -> None:
-    """On an xdist worker: its share of the cores for everything its tests start (OMP_NUM_THREADS,
-    inherited by each training, generation and SLURM job), unless the user set it. Two tests each
-    running a 2-thread training on 2 cores took 150 s for what 1 thread each did in 45 s (OpenMP
-    threads spin-waiting on an oversubscribed CPU)."""
-    if not hasattr(config, "workerinput") or "OMP_NUM_THREADS" in os.environ:
+    """On an xdist worker: its share of the cores (hhdpo's threads_per_process) for everything its
+    tests start, as OMP_NUM_THREADS inherited by each training, generation and SLURM job."""
+    if not hasattr(config, "workerinput"):
         return
-    share = max(1, len(os.sched_getaffinity(0)) // int(config.workerinput.get("workercount", 1)))
-    os.environ["OMP_NUM_THREADS"] = str(share)
+    from hhdpo.core.distenv import threads_per_process
+
+    os.environ["OMP_NUM_THREADS"] = threads_per_process(int(config.workerinput.get("workercount", 1)))
     if "torch" in sys.modules:  # its thread pool has read the environment already
-        sys.modules["torch"].set_num_threads(share)
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def mark(config, items) -> None:

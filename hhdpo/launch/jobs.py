@@ -25,6 +25,7 @@ import sys
 import submitit
 
 from hhdpo.core.config import load_config, run_paths
+from hhdpo.core.distenv import threads_per_process
 from hhdpo.core.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_PREEMPTED, exit_meaning
 from hhdpo.core.stage import STAGES
 
@@ -56,10 +57,8 @@ def check_exit(stage: str, argv: list[str], rc: int) -> None:
 
 
 def _threads(tasks_per_node: int) -> None:
-    # torch starts a thread per core of the node otherwise; ranks sharing a node spin against each other
     if "OMP_NUM_THREADS" not in os.environ:
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(max(1, (os.cpu_count() or 1) // max(1, tasks_per_node)))
-        os.environ["OMP_NUM_THREADS"] = cpus
+        os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK") or threads_per_process(tasks_per_node)
 
 
 def export_torch_env() -> tuple[int, dict]:

@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from hhdpo.core.distenv import STATE_REPORTED_BY_LAUNCHER, held_signal
+from hhdpo.core.distenv import STATE_REPORTED_BY_LAUNCHER, held_signal, threads_per_process
 from hhdpo.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
@@ -66,7 +66,7 @@ def run_under_torchrun(module: str, argv: list[str], nproc: int, state_file: Pat
               f"{EXIT_PREEMPTED} (requeue to run)", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     started = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+    env = dict(os.environ, OMP_NUM_THREADS=threads_per_process(nproc),
                **{STATE_REPORTED_BY_LAUNCHER: "1"}, **({_STATE_ENV: f"{state_file}@{started}"} if state_file else {}))
     proc = subprocess.Popen(cmd, env=env)
 

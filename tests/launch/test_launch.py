@@ -265,3 +265,13 @@ def test_a_worker_dying_after_the_run_completed_is_a_warning_not_a_failure(tmp_p
             os.utime(state, (mtime, mtime))
         with pytest.raises(ChildFailedError):
             torchrun.torchrun_main([])
+
+
+def test_threads_per_process_is_a_share_of_this_process_cpus_unless_set(monkeypatch):
+    """The launcher, submitit's jobs and the test workers all size OMP_NUM_THREADS with it: a share of
+    the CPUs this process may use (its affinity, not the node's core count); the user's value wins."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 8, 9})
+    assert [distenv.threads_per_process(n) for n in (1, 2, 4, 12)] == ["6", "3", "1", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert distenv.threads_per_process(2) == "5"
