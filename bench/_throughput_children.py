@@ -32,16 +32,19 @@ def others_cores(s0: tuple, s1: tuple) -> float:
     return max(0.0, ((s1[1] - s0[1]) - (s1[2] - s0[2])) / max(s1[0] - s0[0], 1e-9))
 
 
-def hhdpo_overrides(a, precision: str, precompute: bool, save_dir: str, padding_free: bool = False) -> list[str]:
+def hhdpo_overrides(a, precision: str, precompute: bool, save_dir: str, batching: str = "padded") -> list[str]:
+    """``batching``: padded, pf (padding-free) or sp (padding-free, each prompt once)."""
     import dataclasses
 
     from hhdpo.core.config_schema import DPOTrainingConfig
 
-    # explicit either way: its null default is on on CPU; a checkout without the key runs padded
-    has_pf = "padding_free" in {f.name for f in dataclasses.fields(DPOTrainingConfig)}
-    if padding_free and not has_pf:
-        raise SystemExit("this checkout has no dpo_training.padding_free")
-    pf = [f"dpo_training.padding_free={'true' if padding_free else 'false'}"] if has_pf else []
+    # explicit either way: their null defaults are on on CPU; a checkout without a key runs without it
+    keys = {f.name for f in dataclasses.fields(DPOTrainingConfig)}
+    for key, mode in (("padding_free", "pf"), ("share_prompt", "sp")):
+        if batching in (mode, "sp") and key not in keys:
+            raise SystemExit(f"this checkout has no dpo_training.{key}")
+    pf = [f"dpo_training.padding_free={'false' if batching == 'padded' else 'true'}"] if "padding_free" in keys else []
+    pf += [f"dpo_training.share_prompt={'true' if batching == 'sp' else 'false'}"] if "share_prompt" in keys else []
     return pf + [
         f"dataset.dataset_name={a.data}", f"dataset.subset=test[:{a.raw_rows}]", "dataset.val_ratio=0",
         f"dataset.max_len={a.max_len}", f"dataset.max_prompt_len={a.max_prompt_len}",
@@ -74,7 +77,7 @@ def profile_table(prof, limit: int = 30) -> str:
 # ---------------------------------------------------------------------------- children
 
 
-def child_hhdpo(a, precision: str, precompute: bool, padding_free: bool) -> dict:
+def child_hhdpo(a, precision: str, precompute: bool, batching: str) -> dict:
     from hhdpo.evaluation.serve import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
@@ -98,7 +101,7 @@ def child_hhdpo(a, precision: str, precompute: bool, padding_free: bool) -> dict
 
     ht.DPOTrainer._precomputed_ref_logps = timed_precompute
     save_dir = tempfile.mkdtemp(prefix="hhdpo-bench-", dir=os.environ.get("HHDPO_CACHE"))  # removed by the parent
-    cfg = load_config(REPO / "configs/smollm2_cpu.yaml", hhdpo_overrides(a, precision, precompute, save_dir, padding_free))
+    cfg = load_config(REPO / "configs/smollm2_cpu.yaml", hhdpo_overrides(a, precision, precompute, save_dir, batching))
     t0 = time.perf_counter()
     trainer = ht.DPOTrainer(cfg)
     init_s = time.perf_counter() - t0

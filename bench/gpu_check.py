@@ -10,7 +10,10 @@ activation checkpointing --ac) on one FSDP2 rank. Each row is one process
 (``_gpu_rows.child_row``) with a timeout, so an OOM or a failure loses that row alone:
 
   padded        the micro-batch's rows padded to the longest (dpo_training.padding_free=false)
-  padfree       one packed row per micro-batch (dpo_training.padding_free=true)
+  padfree       one packed row per micro-batch (dpo_training.padding_free=true, share_prompt=false)
+  shared        padfree with each pair's prompt once (dpo_training.share_prompt=true; hhdpo's per-pair
+                SDPA, the sdpa model's path); its tokens/s counts the prompt twice, as every row does,
+                so its MFU is useful work per second (it computes ~1/1.6 of those FLOPs at the seed's lengths)
   compiled      padfree with dpo_training.compile=true (torch.compile per decoder layer)
   *-pre         the same with the reference log-probs precomputed (its one-off pass not timed)
   compiled-padded  padded with compile (only when --rows names it)
@@ -69,12 +72,13 @@ from _gpu_rows import (
 )
 
 HH_DATA = os.environ.get("HH_DATA") or str(REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
-ROWS = {  # name: (padding-free, compiled, precomputed reference)
-    "padded": (False, False, False), "padfree": (True, False, False), "compiled": (True, True, False),
+ROWS = {  # name: (padding-free: False, True or "shared" (each prompt once), compiled, precomputed reference)
+    "padded": (False, False, False), "padfree": (True, False, False), "shared": ("shared", False, False),
+    "compiled": (True, True, False),
     "padded-pre": (False, False, True), "padfree-pre": (True, False, True), "compiled-pre": (True, True, True),
     "compiled-padded": (False, True, False),  # not run by default: compile without packing (--rows)
 }
-RUN_ORDER = ("padded", "padfree", "compiled", "compiled-pre", "padfree-pre", "padded-pre")  # compiled-pre: warm caches
+RUN_ORDER = ("padded", "padfree", "shared", "compiled", "compiled-pre", "padfree-pre", "padded-pre")  # compiled-pre: warm caches
 
 
 def child(kind: str, spec: dict, tmp: Path, timeout: float, env: dict | None = None) -> dict:
@@ -114,9 +118,13 @@ def row_overrides(a, name: str, model: Path, tmp: Path, keys: set[str]) -> tuple
     if a.ac != "off":
         o.append(f"dpo_training.ac_mode={a.ac}")
     if "padding_free" in keys:
-        o.append(f"dpo_training.padding_free={str(padfree).lower()}")  # explicit: its null may pick either
+        o.append(f"dpo_training.padding_free={str(bool(padfree)).lower()}")  # explicit: its null may pick either
     elif padfree and not compiled:
         return [], "no dpo_training.padding_free in this checkout"
+    if "share_prompt" in keys:
+        o.append(f"dpo_training.share_prompt={str(padfree == 'shared').lower()}")  # explicit: null is on with padding-free
+    elif padfree == "shared":
+        return [], "no dpo_training.share_prompt in this checkout"
     if compiled:
         if "compile" not in keys:
             return [], "no dpo_training.compile in this checkout"
@@ -152,7 +160,7 @@ def generation(a, tmp: Path, tok_dir: Path, deadline: float) -> dict:
 def _cells(name: str, r: dict) -> list[str]:
     padfree, compiled, pre = ROWS[name]
     tps, u, loss = r.get("tokens_per_s"), r.get("mfu"), (r.get("losses") or [None])[0]
-    return [name, "precomputed" if pre else "live", "yes" if padfree else "no", "yes" if compiled else "no",
+    return [name, "precomputed" if pre else "live", {False: "no", True: "yes"}.get(padfree, padfree), "yes" if compiled else "no",
             f"{tps:.0f}" if tps else "-", f"{100 * u:.1f}%" if u else "-",
             f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-", f"{r['init_s']:.0f}" if "init_s" in r else "-",
             f"{loss:.6f}" if loss is not None else "-", r["status"]]
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
             check("every row took the same number of steps", len(set(per_step.values())) == 1, str(per_step))
         if "padded" in ran:
             ref = ran["padded"]["logps_chosen"][0]
-            for k in ("padfree", "compiled"):
+            for k in ("padfree", "shared", "compiled"):
                 if k in ran:
                     x = ran[k]["logps_chosen"][0]
                     check(f"{k} step-1 log-probs = padded's", abs(x - ref) / abs(ref) < (2e-2 if cuda else 1e-4), f"{x:.4f} vs {ref:.4f}")

@@ -12,8 +12,10 @@ them, in the same micro-batches of --batch-size pairs, in the same order:
                                     (HHDPO_CACHE is a fresh temp dir); the one-off precompute is
                                     timed separately and excluded from tokens/s
   hhdpo-*-pf                        the four above with dpo_training.padding_free=true (one packed
-                                    row per micro-batch); the hhdpo/TRL ratios take the faster of
-                                    each padded / padding-free pair
+                                    row per micro-batch), share_prompt=false
+  hhdpo-*-sp                        the four above with padding_free=true and share_prompt=true (each
+                                    pair's prompt forwarded once); the hhdpo/TRL ratios take the
+                                    fastest of each padded / padding-free / shared-prompt trio
   trl-fp32 / trl-bf16               trl.DPOTrainer, DPOConfig(bf16=..., use_cpu=True)
   trl-fp32-pre / trl-bf16-pre       the same with precompute_ref_log_probs=True
 
@@ -24,8 +26,9 @@ drops response tokens where hhdpo drops old prompt turns), and its own chat-temp
 tokenization keeps the template's newline after <|im_end|> that hhdpo trims; the TRL child
 reports how many pairs its own conversational tokenization would render identically.
 
-tokens = non-pad tokens (attention_mask sum) of the chosen+rejected rows actually processed:
-hhdpo's train_step stats['tokens']; for TRL a wrapper around its data collator. The first
+tokens = non-pad tokens (attention_mask sum) of the chosen+rejected rows, the prompt counted in
+both, however they are forwarded (a shared-prompt row forwards the prompt once and still counts
+it twice: the same pairs, the same tokens/s scale): hhdpo's train_step stats['tokens']; for TRL a wrapper around its data collator. The first
 --warmup steps are excluded; the timed window runs from the end of the last warm-up step to
 the end of the last step (data collation, forward/backward, clipping, optimizer included).
 Model FLOPs = 6*N*tokens (policy fwd+bwd) + 2*N*tokens (live reference forward), N = all
@@ -44,7 +47,7 @@ script waits (--wait-idle, default up to 300 s) until other processes use < --ma
 and reports the cores other processes used during each timed window ("others' CPU") next to
 the load average; numbers with others' CPU above ~0.1 cores are not comparable.
 
-    python bench/train_throughput.py --out /tmp/tp.json       # all 12 configs, 40 pairs = 10 steps each, ~22 min
+    python bench/train_throughput.py --out /tmp/tp.json       # all 16 configs, 40 pairs = 10 steps each, ~28 min
     python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --pairs 48 --steps 14
     python bench/train_throughput.py --configs hhdpo-fp32,trl-fp32 --profile 3   # torch.profiler tables
 """
@@ -69,9 +72,10 @@ from _throughput_children import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# name: (framework, precision, precompute, padding-free); e.g. hhdpo-fp32, hhdpo-bf16-pre-pf, trl-fp32-pre
-CONFIGS = {f"{fw}-{prec}{'-pre' if pre else ''}{'-pf' if pf else ''}": (fw, prec, pre, pf)
-           for fw, pf in (("hhdpo", False), ("hhdpo", True), ("trl", False))
+# name: (framework, precision, precompute, batching); batching: padded, pf (padding-free), sp (padding-free,
+# each prompt once); e.g. hhdpo-fp32, hhdpo-bf16-pre-pf, hhdpo-fp32-sp, trl-fp32-pre
+CONFIGS = {f"{fw}-{prec}{'-pre' if pre else ''}{'' if mode == 'padded' else '-' + mode}": (fw, prec, pre, mode)
+           for fw, mode in (("hhdpo", "padded"), ("hhdpo", "pf"), ("hhdpo", "sp"), ("trl", "padded"))
            for pre in (False, True) for prec in ("fp32", "bf16")}
 RESULT_TAG = "BENCH_RESULT "
 
@@ -193,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.child == "matmul":
             res = child_matmul(a)
         else:
-            fw, precision, precompute, padding_free = CONFIGS[a.child]
-            res = child_hhdpo(a, precision, precompute, padding_free) if fw == "hhdpo" else child_trl(a, precision, precompute)
+            fw, precision, precompute, batching = CONFIGS[a.child]
+            res = child_hhdpo(a, precision, precompute, batching) if fw == "hhdpo" else child_trl(a, precision, precompute)
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 
@@ -323,15 +327,16 @@ def report(results: dict, names: list[str]) -> None:
             print(f"RATIO {x} / {y} = {v:.2f}x{tgt}  [{label}]")
             results.setdefault("ratios", {})[f"{x}/{y}"] = v
 
-    def best(name):  # hhdpo's faster batching: padded (length-grouped) or padding-free
-        return max((n for n in (name, name + "-pf") if n in runs), key=lambda n: runs[n]["tok_s"], default=name)
+    def best(name):  # hhdpo's fastest batching: padded (length-grouped), padding-free or shared prompt
+        return max((n for n in (name, name + "-pf", name + "-sp") if n in runs), key=lambda n: runs[n]["tok_s"], default=name)
 
     print()
     for p in ("fp32", "bf16"):
-        ratio(f"hhdpo-{p}-pf", f"hhdpo-{p}", "hhdpo padding-free vs padded")
-        ratio(f"hhdpo-{p}-pre-pf", f"hhdpo-{p}-pre", "hhdpo padding-free vs padded")
+        for pre in ("", "-pre"):
+            ratio(f"hhdpo-{p}{pre}-pf", f"hhdpo-{p}{pre}", "hhdpo padding-free vs padded")
+            ratio(f"hhdpo-{p}{pre}-sp", f"hhdpo-{p}{pre}-pf", "hhdpo shared prompt vs padding-free")
     for p in ("fp32", "bf16"):
-        ratio(best(f"hhdpo-{p}"), f"trl-{p}", "equal precision, hhdpo's faster batching", 1.5)
+        ratio(best(f"hhdpo-{p}"), f"trl-{p}", "equal precision, hhdpo's fastest batching", 3.0)
         ratio(best(f"hhdpo-{p}-pre"), f"trl-{p}", "hhdpo precomputed vs TRL live", 2.0)
         ratio(best(f"hhdpo-{p}-pre"), f"trl-{p}-pre", "both precomputed")
     ratio("hhdpo-bf16", "hhdpo-fp32", "hhdpo bf16 vs fp32")

@@ -61,8 +61,9 @@ class DPOTrainingConfig:
     compile: bool = False  # torch.compile each decoder layer of the policy and reference (first steps compile: ~1 min)
     group_by_length: Optional[bool] = None  # forward a micro-batch's rows in length-sorted groups (less padding); null = on for one unwrapped process on CPU, else off
     padding_free: Optional[bool] = None  # forward a micro-batch's chosen and rejected rows packed into one row, no padding, each sequence attending only to itself (overrides group_by_length); null = on on CPU and on a GPU whose model runs flash-attention, else off
+    share_prompt: Optional[bool] = None  # padding-free with each pair's prompt forwarded once, both responses attending to it (prefix sharing: HH pairs forward 1.5-1.6x fewer tokens); null = on wherever padding_free is and the model does not run flash-attention; true implies padding_free
     logits_chunk_tokens: int = 1024  # LM head over at most this many response tokens at once, recomputed in backward (no [tokens, vocab] fp32 logits); 0 = all at once
-    max_tokens_per_micro_batch: int = 0  # 0 = off: batch_size pairs per micro-batch; else each rank forwards its batch_size x gradient_accumulation_steps pairs of a step in micro-batches of at most this many real (unpadded) tokens, prompt+chosen + prompt+rejected per pair (a longer pair alone); steps, LR and resume unchanged
+    max_tokens_per_micro_batch: int = 0  # 0 = off: batch_size pairs per micro-batch; else each rank forwards its batch_size x gradient_accumulation_steps pairs of a step in micro-batches of at most this many real (unpadded) tokens, prompt+chosen + prompt+rejected per pair (the prompt once with share_prompt; a longer pair alone); steps, LR and resume unchanged
     fsdp: Optional[bool] = None  # shard with FSDP2; null = with more than one rank or bf16 (its mixed precision); true = also one fp32 process (a multi-GPU run's code path on one device)
     fsdp_layer_cls: list[str] = field(default_factory=list)  # default: model._no_split_modules
     seed: int = 42
@@ -80,6 +81,7 @@ class DPOTrainingConfig:
         yield "batch_size", self.batch_size >= 1, "an integer >= 1"
         yield "gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "an integer >= 1"
         yield "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0, "an integer >= 0 (0 = off)"
+        yield "share_prompt", not (self.share_prompt and self.padding_free is False), "false or null while padding_free is false (a shared prompt is a padding-free row)"
         yield "logits_chunk_tokens", self.logits_chunk_tokens >= 0, "an integer >= 0 (0 = the whole head at once)"
         yield "ac_mode", self.ac_mode in ("full", "selective"), "one of full, selective"
         yield "learning_rate", self.learning_rate > 0, "a number > 0"

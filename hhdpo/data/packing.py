@@ -4,6 +4,11 @@ Every sequence keeps its own positions (``position_ids`` restart at 0) and atten
 itself; ``cu_seqlens`` (cumulative lengths, as varlen attention kernels take them) and ``seq``
 (each token's sequence) say where each one lies. :func:`block_causal_mask` is the attention
 pattern that makes the packed row compute exactly what the padded rows compute.
+
+:func:`pack_shared_prompt` goes further (prefix sharing): each pair's prompt appears once, followed
+by its chosen and then its rejected response, both of which attend to it. The chosen and rejected
+sequences of a pair share their prompt's keys, values and hidden states (causal attention: a
+prompt token never sees a response), so the forward computes the prompt once instead of twice.
 """
 
 from __future__ import annotations
@@ -68,3 +73,56 @@ def block_causal_mask(seq: torch.Tensor) -> torch.Tensor:
     n = seq.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril()
     return (causal & (seq[0, :, None] == seq[0, None, :]))[None, None]
+
+
+def pack_shared_prompt(examples: list[dict]) -> dict:
+    """A micro-batch of tokenized pairs as one packed row with each prompt once: prompt, chosen, rejected.
+
+    Attention (:func:`shared_prompt_mask`): prompt and chosen tokens are one causal sequence; a
+    rejected token sees its prompt and the rejected tokens before it, never the chosen ones. Its
+    positions continue from the prompt, as in the row prompt+rejected. The prompt's last position
+    predicts both responses' first tokens, so a position may be scored twice.
+
+    Args:
+        examples: B tokenized pairs with non-empty ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
+    Returns:
+        input_ids, position_ids: (1, N) long, N = sum of prompt + chosen + rejected lengths.
+        score_at, targets, score_seq: (K,) long; position ``score_at[k]`` predicts token ``targets[k]``
+            of sequence ``score_seq[k]`` (chosen of pair b: b; rejected: B + b), K the response tokens.
+        bounds: (3B + 1,) int32, pair b's prompt, chosen and rejected are tokens [bounds[3b], bounds[3b+1]),
+            [bounds[3b+1], bounds[3b+2]) and [bounds[3b+2], bounds[3b+3]).
+    """
+    if not examples:
+        raise ValueError("pack_shared_prompt: needs at least one pair")
+    ids, pos, at, targets, seq, bounds = [], [], [], [], [], [0]
+    for b, ex in enumerate(examples):
+        p, c, r = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]
+        if not (p and c and r):
+            raise ValueError(f"pack_shared_prompt: pair {b} has an empty prompt or response")
+        s, n_p, n_c, n_r = len(ids), len(p), len(c), len(r)
+        ids += p + c + r
+        pos += [*range(n_p + n_c), *range(n_p, n_p + n_r)]
+        at += [*range(s + n_p - 1, s + n_p + n_c - 1), s + n_p - 1, *range(s + n_p + n_c, s + n_p + n_c + n_r - 1)]
+        targets += c + r
+        seq += [b] * n_c + [len(examples) + b] * n_r
+        bounds += [s + n_p, s + n_p + n_c, s + n_p + n_c + n_r]
+    long = {"dtype": torch.long}
+    return {"input_ids": torch.tensor(ids, **long)[None], "position_ids": torch.tensor(pos, **long)[None],
+            "score_at": torch.tensor(at, **long), "targets": torch.tensor(targets, **long),
+            "score_seq": torch.tensor(seq, **long), "bounds": torch.tensor(bounds, dtype=torch.int32)}
+
+
+def shared_prompt_mask(bounds: list[int]) -> torch.Tensor:
+    """Boolean attention mask of a :func:`pack_shared_prompt` row (``bounds`` as a list), True where
+    query t may see key u: the pattern its attention computes without materializing it.
+
+    Returns:
+        (1, 1, N, N) bool.
+    """
+    n = bounds[-1]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for s, p, c, r in zip(bounds[0:-1:3], bounds[1::3], bounds[2::3], bounds[3::3], strict=True):
+        mask[s:c, s:c] = torch.ones(c - s, c - s, dtype=torch.bool).tril()  # prompt + chosen
+        mask[c:r, s:p] = True  # rejected sees the prompt
+        mask[c:r, c:r] = torch.ones(r - c, r - c, dtype=torch.bool).tril()
+    return mask[None, None]

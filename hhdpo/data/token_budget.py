@@ -6,7 +6,7 @@ What a step is does not change: :func:`hhdpo.data.batching.rank_batches` deals e
 steps, the schedule, the learning rate and the resume position stay exactly as they were; only
 the split of a rank's share into forwards is re-planned. A pair counts its real (unpadded) tokens,
 prompt+chosen plus prompt+rejected, which is what a padding-free batch forwards (a padded batch
-forwards more). A pair longer than the budget gets a forward of its own.
+forwards more; a shared-prompt row the prompt once, and so counts it once). A pair longer than the budget gets a forward of its own.
 
 FSDP2 all-gathers the parameters in every forward and reduce-scatters in every backward, so no
 rank may run fewer forwards than another. :func:`plan_forwards` plans every rank's split (each
@@ -18,10 +18,11 @@ of pairs, and no rank has more forwards than pairs, so no empty (zero-weight) fo
 from __future__ import annotations
 
 
-def pair_tokens(example: dict) -> int:
+def pair_tokens(example: dict, shared_prompt: bool = False) -> int:
     """Real tokens of a tokenized pair (``prompt_ids``, ``chosen_ids``, ``rejected_ids``): its two rows,
-    prompt+chosen and prompt+rejected, without padding."""
-    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+    prompt+chosen and prompt+rejected, without padding; ``shared_prompt``: the prompt once, as a
+    shared-prompt row (:func:`hhdpo.data.packing.pack_shared_prompt`) forwards it."""
+    return (1 if shared_prompt else 2) * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
 
 def first_fit(tokens: list[int], budget: int) -> list[list[int]]:

@@ -49,9 +49,11 @@ KNOWN_MODELS = {
 }
 GiB = 2**30
 # Measured on this project's CI machine (README "Benchmarks"; SmolLM2's tokenizer and chat template on the real
-# harmless-base test file): real tokens per pair (prompt + chosen + prompt + rejected) at each max_len,
+# harmless-base test file, max_prompt_len = max_len / 2): real tokens per pair (prompt + chosen + prompt +
+# rejected) at each max_len and the prompt's share of them, which a shared-prompt row forwards once;
 # host bytes per pair each rank keeps (parsed pair ~4.9 kB, token ids ~21 B each), and parse+tokenize time.
 TOKENS_PER_PAIR = {256: 288, 512: 373, 1024: 391}
+PROMPT_TOKENS_PER_PAIR = {256: 99, 512: 141, 1024: 149}
 HOST_BYTES_PER_PAIR, HOST_BYTES_PER_TOKEN = 4_900, 21
 TOKENIZE_S_PER_PAIR = 0.005
 # Assumed throughput: 50 model TFLOP/s per GPU (6N per token, +2N for a live reference), measured on one H100
@@ -147,9 +149,10 @@ def count_pairs(cfg: Config, override: int | None) -> tuple[int, str]:
                "(parsing skips a few: 0.4% of harmless-base test)")
 
 
-def tokens_per_pair(max_len: int) -> float:
-    """Mean real tokens per pair at ``max_len``, interpolated in the measured table."""
-    pts = sorted(TOKENS_PER_PAIR.items())
+def tokens_per_pair(max_len: int, table: dict[int, int] = TOKENS_PER_PAIR) -> float:
+    """Mean real tokens per pair at ``max_len`` (or the prompt's, with ``PROMPT_TOKENS_PER_PAIR``),
+    interpolated in the measured table."""
+    pts = sorted(table.items())
     if max_len <= pts[0][0]:
         return pts[0][1] * max_len / pts[0][0]
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -175,17 +178,25 @@ def gpu_memory(a: Arch, cfg: Config, world: int, c: int, sharded: bool, gpu: boo
         rows.append(("FSDP2 gathered units and the root's gradients", c * (a.root_params + 2 * a.layer_params)
                      + (c + 4) * a.root_params))
     rows = [(k, v, v) for k, v in rows]
-    tok = 2 * t.batch_size * ds.max_len  # chosen + rejected rows of a micro-batch, all at max_len (worst case)
+    # a forward's tokens, worst case: a micro-batch's chosen + rejected rows all at max_len, or under a token
+    # budget the budget (one pair, up to 2 x max_len, may exceed it alone)
+    budget = t.max_tokens_per_micro_batch
+    tok = max(budget, 2 * ds.max_len) if budget else 2 * t.batch_size * ds.max_len
     h, kv, inter = a.hidden, a.kv_heads * a.head_dim, a.intermediate
     # per token and layer what HF's Llama layer keeps for backward: norm outputs, q/k before and after rotary,
     # attention inputs and output, the SwiGLU intermediates (4 x intermediate), the norms' fp32 internals
     layer = tok * (c * (9 * h + 2 * kv + 4 * inter) + 16 * h)
-    rows.append((f"activations: {t.batch_size} pairs x 2 rows x {ds.max_len} tokens, {a.layers} layers",
-                 tok * c * h * a.layers + 2 * layer, (a.layers + 1) * layer))
-    # response-only LM head at every position (worst case): the policy's logits and their fp32 copy, the
-    # reference's at the same time, then their gradient
-    logits = tok * a.vocab * (2 * c + 8 if live_ref else c + 8)
-    rows.append((f"logits: {tok:,} positions x {a.vocab:,} vocabulary", logits, logits))
+    what = (f"<= {tok:,} tokens per forward (max_tokens_per_micro_batch {budget:,})" if budget
+            else f"{t.batch_size} pairs x 2 rows x {ds.max_len} tokens")
+    rows.append((f"activations: {what}, {a.layers} layers", tok * c * h * a.layers + 2 * layer, (a.layers + 1) * layer))
+    chunk = t.logits_chunk_tokens
+    if chunk:  # one chunk's logits at a time, recomputed in backward: its fp32 copy, then the gradient
+        logits = min(tok, chunk) * a.vocab * (2 * c + 8)
+        rows.append((f"logits: {min(tok, chunk):,} positions at once (logits_chunk_tokens) x {a.vocab:,}", logits, logits))
+    else:  # the head at every position (worst case): the policy's logits and their fp32 copy, the
+        # reference's at the same time, then their gradient
+        logits = tok * a.vocab * (2 * c + 8 if live_ref else c + 8)
+        rows.append((f"logits: {tok:,} positions x {a.vocab:,} vocabulary", logits, logits))
     if gpu:
         rows.append(("CUDA context, NCCL, allocator slack (assumed)", RUNTIME_GPU, RUNTIME_GPU))
     return rows
@@ -251,6 +262,10 @@ def plan(cfg: Config, args, out=None) -> int:
           f"(this config: dpo_training.activation_checkpointing {used})")
 
     tpp = args.tokens_per_pair or tokens_per_pair(ds.max_len)
+    # what a pair forwards: the prompt once with share_prompt, whose null is on where padding-free is (on CPU;
+    # on a GPU only with flash-attention, which refuses it, so off)
+    shared = t.share_prompt if t.share_prompt is not None else not gpus and t.padding_free is not False
+    fwd = tpp * (1 - tokens_per_pair(ds.max_len, PROMPT_TOKENS_PER_PAIR) / tokens_per_pair(ds.max_len)) if shared else tpp
     data_host = pairs * (HOST_BYTES_PER_PAIR + HOST_BYTES_PER_TOKEN * tpp)
     # on CPU ranks the "device" memory above is host RAM too (at the config's activation checkpointing)
     dev_host = 0 if gpus else tot_ac if t.activation_checkpointing else tot_no
@@ -275,11 +290,15 @@ def plan(cfg: Config, args, out=None) -> int:
     if args.pairs_per_s:
         pps, how = args.pairs_per_s, f"{args.pairs_per_s:g} pairs/s (--pairs-per-s)"
     else:
+        # the trainer logs tokens/s with the prompt counted twice (tpp per pair); the assumed FLOP rate
+        # covers only what is forwarded (fwd per pair)
+        per_pair = tpp if args.tokens_per_s_per_gpu else fwd
         tps = args.tokens_per_s_per_gpu or (MODEL_FLOPS_GPU if gpus else MODEL_FLOPS_CPU) / train_flops
-        pps = tps * world / tpp
+        pps = tps * world / per_pair
         src = "--tokens-per-s-per-gpu" if args.tokens_per_s_per_gpu else (
             f"assumed: {(MODEL_FLOPS_GPU if gpus else MODEL_FLOPS_CPU) / 1e12:g} model TFLOP/s per {'GPU' if gpus else 'rank'}")
-        how = (f"{tps:,.0f} tokens/s per {'GPU' if gpus else 'rank'} ({src}) / {tpp:,.0f} tokens per pair"
+        what = "forwarded, each prompt once (dpo_training.share_prompt)" if per_pair != tpp else "per pair"
+        how = (f"{tps:,.0f} tokens/s per {'GPU' if gpus else 'rank'} ({src}) / {per_pair:,.0f} tokens {what}"
                f"{'' if args.tokens_per_pair else ' (measured on HH)'} = {pps:,.1f} pairs/s")
     val_cost = (2 + (2 if live_ref else 0)) / (6 + (2 if live_ref else 0))  # forward only, against a training pair
     train_s = s.total_steps * s.global_batch / pps

@@ -11,6 +11,11 @@ varlen arguments ``cu_seq_lens_q/k``, ``max_length_q/k``, with no 2D attention m
   across sequences, the same arithmetic as the padded rows), and every other forward
   (padded, or a generation) goes to the model's own implementation and mask unchanged.
 
+A row with each prompt once (:func:`hhdpo.data.packing.pack_shared_prompt`) passes ``position_ids``
+and ``hhdpo_shared_prompt`` (its bounds) instead: hhdpo's attention runs prompt+chosen as one causal
+sequence and the rejected tokens against the prompt's and their own keys. Flash-attention's varlen
+kernels cannot express that pattern, so a flash-attention model is refused it.
+
 The switch is permanent rather than per forward so that activation checkpointing, which
 reruns a layer's forward during backward (outside any context), still sees it.
 """
@@ -23,7 +28,10 @@ from itertools import pairwise
 
 import torch
 
+from hhdpo.core.config import ConfigError
+
 PREFIX = "hhdpo_packed:"
+SHARED = "hhdpo_shared_prompt"  # the model keyword that carries a shared-prompt row's bounds to every attention call
 # set while hhdpo runs a packed forward: a call counter (no mask is built; every layer is checked to use us)
 _PACKED: contextvars.ContextVar[list | None] = contextvars.ContextVar("hhdpo_packed", default=None)
 
@@ -37,6 +45,16 @@ def default_padding_free(device: torch.device, model) -> bool:
     padding), and on a GPU where the model already runs a flash-attention (varlen) implementation;
     off on a GPU otherwise (the per-sequence SDPA loop there is exact but unmeasured)."""
     return device.type == "cpu" or _is_flash(model.config._attn_implementation)
+
+
+def resolve_share_prompt(setting: bool | None, padding_free: bool, model) -> bool:
+    """``dpo_training.share_prompt``: null = on with padding-free rows unless the model runs flash-attention
+    (whose varlen kernels cannot attend to a shared prompt); true there is refused."""
+    flash = _is_flash(model.config._attn_implementation)
+    if setting and flash:
+        raise ConfigError(f"dpo_training.share_prompt: true, but the model runs {model.config._attn_implementation}, "
+                          "whose varlen kernels cannot attend to a shared prompt: set it to false or null")
+    return padding_free and not flash if setting is None else setting
 
 
 def _base(config) -> str:
@@ -62,13 +80,15 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
+    shared, cu = kwargs.get(SHARED), kwargs.get("cu_seq_lens_q")
+    if shared is None and cu is None:
         return ALL_ATTENTION_FUNCTIONS[_base(module.config)](module, query, key, value, attention_mask,
                                                              dropout=dropout, scaling=scaling, **kwargs)
     calls = _PACKED.get()
     if calls is not None:
         calls[0] += 1
+    if shared is not None:
+        return _shared_prompt_attention(module, query, key, value, shared, dropout, scaling, kwargs.get("sliding_window")), None
     bounds = cu.tolist()
     window = kwargs.get("sliding_window")
     if window and max(e - s for s, e in pairwise(bounds)) > window:
@@ -80,6 +100,30 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
                                    dropout=dropout, scaling=scaling, is_causal=True)[0]
             for s, e in pairwise(bounds)]
     return torch.cat(outs, dim=1), None
+
+
+def _shared_prompt_attention(module, query, key, value, bounds: torch.Tensor, dropout: float, scaling, window):
+    """Attention over a :func:`hhdpo.data.packing.pack_shared_prompt` row, query/key/value (1, heads, N, head_dim):
+    per pair, causal SDPA over prompt+chosen, and the rejected queries over the prompt's keys and their
+    own (the causal mask aligned to the last key: rejected token i sees prompt + rejected tokens <= i).
+    Returns (1, N, heads, head_dim)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b = bounds.tolist()
+    if query.shape[0] != 1:
+        raise RuntimeError(f"a packed forward has batch size 1, got {query.shape[0]}")
+    outs = []
+    for s, p, c, r in zip(b[0:-1:3], b[1::3], b[2::3], b[3::3], strict=True):
+        if window and max(c - s, p - s + r - c) > window:
+            raise RuntimeError(f"padding-free attention has no sliding window ({window} tokens) and a sequence is longer; "
+                               "set dpo_training.padding_free: false")
+        outs.append(sdpa_attention_forward(module, query[:, :, s:c], key[:, :, s:c], value[:, :, s:c], None,
+                                           dropout=dropout, scaling=scaling, is_causal=True)[0])
+        k = torch.cat([key[:, :, s:p], key[:, :, c:r]], dim=2)
+        v = torch.cat([value[:, :, s:p], value[:, :, c:r]], dim=2)
+        mask = torch.ones(r - c, p - s + r - c, dtype=torch.bool, device=query.device).tril(p - s)[None, None]
+        outs.append(sdpa_attention_forward(module, query[:, :, c:r], k, v, mask, dropout=dropout, scaling=scaling)[0])
+    return torch.cat(outs, dim=1)
 
 
 def use_packed_attention(model) -> bool:
@@ -106,19 +150,25 @@ def use_packed_attention(model) -> bool:
 
 
 def packed_kwargs(group: dict) -> dict:
-    """Model inputs of a packed group (:func:`hhdpo.data.packing.pack_rows`): no attention mask; the
-    positions and transformers' varlen arguments say where each sequence lies."""
+    """Model inputs of a packed group (:func:`hhdpo.data.packing.pack_rows`, or ``pack_shared_prompt``):
+    no attention mask; the positions and transformers' varlen arguments (or the shared-prompt bounds)
+    say where each sequence lies."""
+    if "bounds" in group:
+        return {"input_ids": group["input_ids"], "position_ids": group["position_ids"], SHARED: group["bounds"]}
     cu, m = group["cu_seqlens"], group["max_seqlen"]
     return {"input_ids": group["input_ids"], "position_ids": group["position_ids"],
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
 
 
 @contextlib.contextmanager
-def packed_forward(model):
-    """Around a packed forward of ``model``: installs the attention (:func:`use_packed_attention`) and,
-    after the block, checks that it really ran; a model whose layers ignore the attention
-    interface would otherwise attend across sequences unnoticed."""
+def packed_forward(model, shared_prompt: bool = False):
+    """Around a packed forward of ``model`` (``shared_prompt``: of a shared-prompt row): installs the
+    attention (:func:`use_packed_attention`) and, after the block, checks that it really ran; a
+    model whose layers ignore the attention interface would otherwise attend across sequences unnoticed."""
     ours = use_packed_attention(model)
+    if shared_prompt and not ours:
+        raise RuntimeError(f"{type(model).__name__} runs {model.config._attn_implementation}, whose varlen kernels cannot "
+                           "attend to a shared prompt: set dpo_training.share_prompt: false")
     calls = [0]
     token = _PACKED.set(calls)
     try:

@@ -33,7 +33,7 @@ from hhdpo.training.metrics import (
     train_record,
 )
 from hhdpo.training.optim import make_optimizer, optimizer_step, set_grad_sync
-from hhdpo.training.packed_attention import default_padding_free
+from hhdpo.training.packed_attention import default_padding_free, resolve_share_prompt
 from hhdpo.training.ref_logps import cached_or_computed, compute_all, ref_cache_path
 from hhdpo.training.runtime import build_model, resolve_runtime
 from hhdpo.training.schedule import schedule, schedule_line, schedule_warnings
@@ -59,9 +59,9 @@ class DPOTrainer(TrainStateMixin):
       - LM head (vocabulary projection) only at positions that predict a response token, in chunks
         recomputed in backward (``logits_chunk_tokens``; ``hhdpo.training.chunked_head``), and each
         micro-batch's chosen+rejected rows packed into one row without padding (``padding_free``;
-        ``hhdpo.training.packed_attention``), or forwarded in length-sorted groups, each padded
-        only to its own longest row, split to minimise padded tokens plus a per-forward cost
-        (``group_by_length``; on by default for one unwrapped process on CPU).
+        ``hhdpo.training.packed_attention``), each pair's prompt forwarded once (``share_prompt``),
+        or forwarded in length-sorted groups, each padded only to its own longest row, split to
+        minimise padded tokens plus a per-forward cost (``group_by_length``).
       - Frozen reference model sharded the same way, or reference log-probs precomputed
         once and cached on disk (``precompute_ref_log_probs``; keyed on the token ids, the
         reference weights, dtype and averaging; rank 0 decides a cache hit; ``hhdpo.training.ref_logps``).
@@ -152,7 +152,11 @@ class DPOTrainer(TrainStateMixin):
         # models
         self.policy, self.hf_config, self.arch = self._build_model(cfg.policy_model, trainable=True)
         # one packed row per micro-batch, no padding (hhdpo.training.packed_attention: where it is on by default)
-        self.padding_free = t.padding_free if t.padding_free is not None else default_padding_free(self.device, self.policy)
+        self.padding_free = (t.padding_free if t.padding_free is not None
+                             else bool(t.share_prompt) or default_padding_free(self.device, self.policy))
+        self.share_prompt = resolve_share_prompt(t.share_prompt, self.padding_free, self.policy)  # each prompt once
+        self._log(f"[train] batches: {'padding-free, each prompt once' if self.share_prompt else 'padding-free' if self.padding_free else 'padded'}"
+                  f"{', length groups' if self.group_by_length and not self.padding_free else ''}")
         self.ref_logps = None
         self.ref = None
         if not t.reference_free:
@@ -195,7 +199,7 @@ class DPOTrainer(TrainStateMixin):
 
     def _batch(self, idxs: list[int]) -> dict:
         return pair_batch([self.examples[i] for i in idxs], self.tokenizer.pad_token_id, self.group_by_length, self.device,
-                          self.padding_free)
+                          self.padding_free, self.share_prompt)
 
     def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.dpo_training
@@ -245,7 +249,7 @@ class DPOTrainer(TrainStateMixin):
         if not budget:
             return None
         shares = [[i for b in dealt[r][start:start + count] for i in b] for r in range(self.world)]
-        return plan_forwards([[pair_tokens(self.examples[i]) for i in s] for s in shares], budget)[self.rank]
+        return plan_forwards([[pair_tokens(self.examples[i], self.share_prompt) for i in s] for s in shares], budget)[self.rank]
 
     def train_step(self, group: list[list[int]], forwards: list[list[int]] | None = None) -> tuple[dict, np.ndarray]:
         """One optimizer step over this rank's ``group`` micro-batches, forwarded as they are or as ``forwards``

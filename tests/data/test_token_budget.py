@@ -13,6 +13,7 @@ from hhdpo.data.token_budget import first_fit, pair_tokens, plan_forwards, split
 def test_pair_tokens_counts_both_rows_without_padding():
     ex = {"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6]}
     assert pair_tokens(ex) == 9  # prompt+chosen (4) + prompt+rejected (5)
+    assert pair_tokens(ex, shared_prompt=True) == 6  # prompt, chosen, rejected: the shared-prompt row's length
 
 
 def test_first_fit_decreasing_packs_long_with_short():

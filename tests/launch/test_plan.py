@@ -146,3 +146,27 @@ def test_console_script_with_options_and_overrides_in_any_order():
     # 50 steps: warmup 100 reaches them (the tail test's too), eval_steps 250 and save_steps 100 are not below them
     assert "50 total steps" in r.stdout and r.stdout.count("warning:") == 4, r.stdout
     assert "the learning rate never leaves its warmup" in r.stdout and "checkpoint.save_steps=100" in r.stdout
+
+
+def test_shared_prompt_time_and_the_head_and_budget_memory_rows(capsys):
+    """A shared-prompt run (the CPU default) forwards each pair's prompt once: at max_len 512, 373 - 141 =
+    232 tokens a pair instead of 373; the chunked head holds one chunk's logits; a token budget bounds the
+    activations."""
+    cpu = ["--config", LLAMA, "--nodes", "1", "--gpus-per-node", "0", "device=cpu", "precision=fp32"]
+    shared, full = (line(plan_out(capsys, *cpu, f"dpo_training.share_prompt={v}"), "time at") for v in ("true", "false"))
+    assert "/ 232 tokens forwarded, each prompt once (dpo_training.share_prompt)" in shared
+    assert "/ 373 tokens per pair" in full
+    # the trainer's logged tokens/s counts the prompt twice: a given rate divides by all 373 (x 8 ranks)
+    given = line(plan_out(capsys, *cpu, "--tokens-per-s-per-gpu", "373"), "time at")
+    assert "/ 373 tokens per pair" in given and "= 8.0 pairs/s" in given
+    out = plan_out(capsys, "--config", LLAMA, "--nodes", "4", "--gpus-per-node", "8", "dpo_training.logits_chunk_tokens=256")
+    # 256 positions x 128,256 x (2 x 2 B bf16 logits + 8 B fp32 copy and gradient) = 0.37 GiB
+    assert "logits: 256 positions at once" in out and gib(out, "logits:") == (0.4, 0.4)
+    whole = plan_out(capsys, "--config", LLAMA, "--nodes", "4", "--gpus-per-node", "8", "dpo_training.logits_chunk_tokens=0")
+    # 2 pairs x 2 rows x 512 = 2,048 positions x 128,256 x (2 x 2 + 8 B, with the live reference's) = 2.94 GiB
+    assert gib(whole, "logits: 2,048 positions x 128,256") == (2.9, 2.9)
+    budget = plan_out(capsys, "--config", LLAMA, "--nodes", "4", "--gpus-per-node", "8",
+                      "dpo_training.max_tokens_per_micro_batch=4096")
+    assert "activations: <= 4,096 tokens per forward (max_tokens_per_micro_batch 4,096)" in budget
+    # twice the tokens of the fixed 2,048: twice the activations without AC
+    assert gib(budget, "activations:")[1] == pytest.approx(2 * gib(out, "activations:")[1], abs=0.15)  # rounded to 0.1

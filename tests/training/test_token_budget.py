@@ -17,7 +17,7 @@ from hhdpo.training.schedule import schedule, schedule_line
 from tests.conftest import run_cli
 from tests.training.test_train import CFG, base_overrides
 
-BUDGET = 240  # real tokens; these HH pairs hold 105-128 at max_len 64: one or two per forward
+BUDGET = 160  # tokens; these HH pairs hold 49-95 at max_len 64 with the prompt once: one to three per forward
 B, GA, STEPS, VAL = 2, 2, 3, 0.25
 
 
@@ -33,14 +33,15 @@ def _train(tmp_path, hh_file, model_dir, name, **kw):
 
 
 def _pair_tokens(save) -> list[int]:
-    """Each pair's real tokens from the run's own token cache (prompt+chosen + prompt+rejected)."""
+    """Each pair's tokens as the run forwards them, from its own token cache: shared-prompt rows (the CPU
+    default) hold the prompt once."""
     parts = sorted(save.glob("cache/tokens-*/part-*-of-*.npz"))
     world = int(parts[0].stem.split("-of-")[1])
     n = int(np.load(parts[0])["meta"][3])
     out = [0] * n
     for r in range(world):
         lens = np.load(next(p for p in parts if p.stem == f"part-{r}-of-{world}"))["lens"]
-        out[r::world] = [2 * p + c + j for p, c, j in lens.tolist()]
+        out[r::world] = [p + c + j for p, c, j in lens.tolist()]
     return out
 
 
@@ -50,7 +51,7 @@ def test_token_budget_trains_like_fixed_micro_batches_on_uneven_ranks(tmp_path, 
     assert f"micro-batches of <= {BUDGET} real tokens" in out
 
     # the scenario: the ranks' pairs of a step need different numbers of forwards, and not GA of them
-    # (a pair over the budget is a unit test's: at max_len 64 no pair holds more than 128 tokens)
+    # (a pair over the budget is a unit test's: at max_len 64 no pair holds more than 95 tokens)
     tokens = _pair_tokens(budget)
     train_idx, _ = train_val_split(len(tokens), VAL, 42)
     dealt = [rank_batches(len(train_idx), B, r, 2, 0, 42) for r in range(2)]
@@ -74,13 +75,14 @@ def test_token_budget_trains_like_fixed_micro_batches_on_uneven_ranks(tmp_path, 
         rel = f"logs/margins/epoch_000/step_{s:05d}.npy"
         np.testing.assert_allclose(np.load(budget / rel), np.load(fixed / rel), rtol=1e-5, atol=1e-4)
     # the parameters after the last step; AdamW divides by sqrt(v) + eps, which magnifies the fp32 noise of a
-    # near-zero gradient (seen: 1.4e-6 in one of 3.2M): atol is 1% of one step's update at lr 1e-3
+    # near-zero gradient (seen: 1.1e-5 in one of 8,192 with shared-prompt rows): atol is 5% of one step's update
+    # at lr 1e-3, where a pair dropped or counted twice moves most parameters by a whole update
     from safetensors.torch import load_file
 
     pa, pb = load_file(fixed / "model.safetensors"), load_file(budget / "model.safetensors")
     assert pa.keys() == pb.keys()
     for k in pa:
-        torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=5e-5, msg=k)
 
 
 def test_the_schedule_line_names_the_budget_and_negative_budgets_are_refused():
