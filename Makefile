@@ -149,7 +149,7 @@ base-image:
 		--change 'CMD ["bash"]' - hhdpo-base:bookworm
 
 # VARIANT=cpu: the CPU torch wheel from TORCH_WHEEL (a cp311 file, linked into the build context) where
-# one is given or found, else pip inside the build takes it from TORCH_INDEX
+# one is given or found, else uv inside the build takes it from TORCH_INDEX
 image:
 	@$(DOCKER_CLI) buildx version >/dev/null 2>&1 || \
 	  [ "$$($(DOCKER_CLI) version -f '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)" -lt 23 ] 2>/dev/null || \
