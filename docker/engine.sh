@@ -4,6 +4,7 @@
 #                            a no-op when both are there)
 #   docker/engine.sh start   start dockerd (idempotent); prints `export DOCKER_HOST=...`
 #   docker/engine.sh stop    stop dockerd by pid, then delete its state: images, build cache and all
+#                            (the data root in the background, renamed out of the way first)
 #   docker/engine.sh host    print the DOCKER_HOST value
 # Everything (data root, exec root, socket, pid file, log) lives under $HHDPO_ENGINE_DIR, so
 # it never touches a system engine. No iptables and no bridge: these machines allow neither;
@@ -84,9 +85,17 @@ stop() {
     # A killed dockerd can leave its overlay mounts behind; rm -rf cannot delete through them.
     grep -o " $DIR/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
     # Every image, container and cache this engine built lives in its data root: remove it all
-    # (only the paths this script made, whatever HHDPO_ENGINE_DIR points at).
-    rm -rf "$DIR/data" "$DIR/exec" "$SOCK" "$PIDFILE" "$DIR/dockerd.log"
+    # (only the paths this script made, whatever HHDPO_ENGINE_DIR points at). Deleting the ~10^5
+    # files of the images takes minutes on a small machine, so the data root is renamed away at
+    # once (a start after this finds a clean $DIR) and deleted by a detached rm.
+    local trash=""
+    if [[ -d $DIR/data ]]; then
+        trash=$(mktemp -d "$DIR.deleting.XXXXXX")
+        mv "$DIR/data" "$trash/"
+    fi
+    rm -rf "$DIR/exec" "$SOCK" "$PIDFILE" "$DIR/dockerd.log"
     rmdir "$DIR" 2>/dev/null || true
+    if [[ -n $trash ]]; then setsid rm -rf "$trash" </dev/null >/dev/null 2>&1 & fi
 }
 
 case ${1:-} in

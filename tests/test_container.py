@@ -154,7 +154,7 @@ def engine(request):
         if not was_running:
             t = time.monotonic()
             run([ENGINE, "stop"], timeout=600, check=False)
-            note(request.config, f"engine stopped and its data root removed in {time.monotonic() - t:.0f} s")
+            note(request.config, f"engine stopped (its data root deleting in the background) in {time.monotonic() - t:.0f} s")
         lock.close()
 
 
