@@ -180,10 +180,13 @@ RUNS        ?= $(CURDIR)/runs
 DOCKER_USER ?= $(shell id -u):$(shell id -g)
 DOCKER_RUN_ARGS ?= --shm-size=8g $(if $(wildcard /dev/nvidia0),--gpus all)
 SECRET_ENV  := OPENAI_API_KEY HF_TOKEN HUGGING_FACE_HUB_TOKEN WANDB_API_KEY HHDPO_JUDGE_API_KEY
+# the caller's thread counts, where set: a container sees every core of the host, and a share of
+# them chosen outside (a SLURM step, or a test worker beside another) must hold inside too
+THREAD_ENV  := OMP_NUM_THREADS MKL_NUM_THREADS
 # mkdir first: a missing bind source would be created by the engine, owned by root
 HHDPO       := mkdir -p $(RUNS) && $(DOCKER_CLI) run --rm --user $(DOCKER_USER) \
 	-v $(CURDIR)/configs:/app/configs:ro -v $(abspath $(RUNS)):/runs \
 	$(if $(HH_DATA),-v $(abspath $(dir $(HH_DATA))):/data:ro) \
-	$(foreach v,$(SECRET_ENV),-e $(v)) $(DOCKER_RUN_ARGS) $(IMAGE)
+	$(foreach v,$(SECRET_ENV) $(THREAD_ENV),-e $(v)) $(DOCKER_RUN_ARGS) $(IMAGE)
 DATA_ARGS   := $(subst $(HH_DATA),/data/$(notdir $(HH_DATA)),$(DATA_ARGS))
 endif

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import NoReturn
 
 from hhdpo.core.config import config_reference, run_paths
 from hhdpo.core.distenv import adopt_slurm_env, in_distributed_env
@@ -55,9 +56,22 @@ def cli(argv: list[str] | None = None) -> int:
             from hhdpo.evaluation.report import write_report_or_warn
 
             write_report_or_warn(cfg)
-        return rc
+        _exit_worker(rc)
 
     return run_stage("hhdpo train", body)
+
+
+def _exit_worker(rc: int) -> NoReturn:
+    """End a worker whose run returned (its files written, its process group destroyed) without the
+    interpreter's finalization: FSDP's and DeviceMesh's references keep the process groups alive
+    until then, and their C++ destructors can abort the process there ("terminate called without
+    an active exception", SIGABRT; seen on 2 gloo ranks), which torchrun reports as a failed run."""
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
