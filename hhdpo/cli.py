@@ -36,5 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         from hhdpo.core.distenv import hold_stop_signals
 
         hold_stop_signals()  # before torch is imported: a preemption during start-up still checkpoints
+        from hhdpo.train import main as train_main
+
+        train_main(argv[1:])  # exits (a worker without the interpreter's finalization)
     module = importlib.import_module(STAGES[stage][0])
     sys.exit(module.cli(argv[1:]))  # every stage returns the exit codes of hhdpo.core.errors

@@ -56,23 +56,30 @@ def cli(argv: list[str] | None = None) -> int:
             from hhdpo.evaluation.report import write_report_or_warn
 
             write_report_or_warn(cfg)
-        _exit_worker(rc)
+        return rc
 
     return run_stage("hhdpo train", body)
 
 
-def _exit_worker(rc: int) -> NoReturn:
-    """End a worker whose run returned (its files written, its process group destroyed) without the
-    interpreter's finalization: FSDP's and DeviceMesh's references keep the process groups alive
-    until then, and their C++ destructors can abort the process there ("terminate called without
-    an active exception", SIGABRT; seen on 2 gloo ranks), which torchrun reports as a failed run."""
-    import logging
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The process entry point (``hhdpo train``, ``python -m hhdpo.train``): :func:`cli`, then exit.
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(rc)
+    A worker (a rank of a process group) ends without the interpreter's finalization: FSDP's and
+    DeviceMesh's references keep the process groups alive until then, and their C++ destructors
+    can abort the finished process there ("terminate called without an active exception", SIGABRT;
+    seen on 2 gloo ranks), which torchrun reports as a failed run. Its files are written and W&B
+    finished by then. In-process callers (submitit's jobs) call :func:`cli` and exit their own way.
+    """
+    rc = cli(argv)
+    if in_distributed_env():
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    main()
