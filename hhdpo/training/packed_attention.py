@@ -90,16 +90,20 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
     if shared is not None:
         return _shared_prompt_attention(module, query, key, value, shared, dropout, scaling, kwargs.get("sliding_window")), None
     bounds = cu.tolist()
-    window = kwargs.get("sliding_window")
-    if window and max(e - s for s, e in pairwise(bounds)) > window:
-        raise RuntimeError(f"padding-free attention has no sliding window ({window} tokens) and a sequence is longer; "
-                           "set dpo_training.padding_free: false")
-    if query.shape[0] != 1:
-        raise RuntimeError(f"a packed forward has batch size 1, got {query.shape[0]}")
+    _check_packed(query, [e - s for s, e in pairwise(bounds)], kwargs.get("sliding_window"))
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
                                    dropout=dropout, scaling=scaling, is_causal=True)[0]
             for s, e in pairwise(bounds)]
     return torch.cat(outs, dim=1), None
+
+
+def _check_packed(query, lengths: list[int], window) -> None:
+    """A packed forward's query is one row, and no sequence (``lengths``) outruns a sliding window it cannot apply."""
+    if query.shape[0] != 1:
+        raise RuntimeError(f"a packed forward has batch size 1, got {query.shape[0]}")
+    if window and max(lengths) > window:
+        raise RuntimeError(f"padding-free attention has no sliding window ({window} tokens) and a sequence is longer; "
+                           "set dpo_training.padding_free: false")
 
 
 def _shared_prompt_attention(module, query, key, value, bounds: torch.Tensor, dropout: float, scaling, window):
@@ -110,13 +114,10 @@ def _shared_prompt_attention(module, query, key, value, bounds: torch.Tensor, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b = bounds.tolist()
-    if query.shape[0] != 1:
-        raise RuntimeError(f"a packed forward has batch size 1, got {query.shape[0]}")
+    pairs = list(zip(b[0:-1:3], b[1::3], b[2::3], b[3::3], strict=True))
+    _check_packed(query, [n for s, p, c, r in pairs for n in (c - s, p - s + r - c)], window)
     outs = []
-    for s, p, c, r in zip(b[0:-1:3], b[1::3], b[2::3], b[3::3], strict=True):
-        if window and max(c - s, p - s + r - c) > window:
-            raise RuntimeError(f"padding-free attention has no sliding window ({window} tokens) and a sequence is longer; "
-                               "set dpo_training.padding_free: false")
+    for s, p, c, r in pairs:
         outs.append(sdpa_attention_forward(module, query[:, :, s:c], key[:, :, s:c], value[:, :, s:c], None,
                                            dropout=dropout, scaling=scaling, is_causal=True)[0])
         k = torch.cat([key[:, :, s:p], key[:, :, c:r]], dim=2)
