@@ -250,3 +250,20 @@ def test_training_with_and_without_padding_free_logs_the_same_losses(tmp_path, h
         assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
         for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
             assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5), key
+
+
+def test_a_sequence_longer_than_a_sliding_window_is_refused_in_both_layouts():
+    """Packed attention has no sliding window: a longer sequence (prompt+rejected: 6 tokens; packed rows of 4 and 3) is an error."""
+    from types import SimpleNamespace
+
+    from hhdpo.data.packing import pack_rows, pack_shared_prompt
+    from hhdpo.training.packed_attention import SHARED, _packed_attention
+
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True, config=SimpleNamespace(_attn_implementation="hhdpo_packed:sdpa"))
+    q = torch.zeros(1, 2, 7, 4)
+    shared = pack_shared_prompt([{"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6, 7]}])
+    packed = pack_rows([([1] * 4, [-100] * 4), ([2] * 3, [-100] * 3)])
+    for kw in ({SHARED: shared["bounds"]}, {"cu_seq_lens_q": packed["cu_seqlens"]}):
+        _packed_attention(module, q, q, q, None, sliding_window=6, **kw)  # within the window: runs
+        with pytest.raises(RuntimeError, match="no sliding window"):
+            _packed_attention(module, q, q, q, None, sliding_window=3, **kw)
