@@ -112,6 +112,11 @@ def pack_shared_prompt(examples: list[dict]) -> dict:
             "score_seq": torch.tensor(seq, **long), "bounds": torch.tensor(bounds, dtype=torch.int32)}
 
 
+def pair_bounds(bounds: list[int]) -> list[tuple[int, int, int, int]]:
+    """A :func:`pack_shared_prompt` row's ``bounds`` (as a list) per pair: (start, prompt end, chosen end, rejected end)."""
+    return list(zip(bounds[0:-1:3], bounds[1::3], bounds[2::3], bounds[3::3], strict=True))
+
+
 def shared_prompt_mask(bounds: list[int]) -> torch.Tensor:
     """Boolean attention mask of a :func:`pack_shared_prompt` row (``bounds`` as a list), True where
     query t may see key u: the pattern its attention computes without materializing it.
@@ -121,7 +126,7 @@ def shared_prompt_mask(bounds: list[int]) -> torch.Tensor:
     """
     n = bounds[-1]
     mask = torch.zeros(n, n, dtype=torch.bool)
-    for s, p, c, r in zip(bounds[0:-1:3], bounds[1::3], bounds[2::3], bounds[3::3], strict=True):
+    for s, p, c, r in pair_bounds(bounds):
         mask[s:c, s:c] = torch.ones(c - s, c - s, dtype=torch.bool).tril()  # prompt + chosen
         mask[c:r, s:p] = True  # rejected sees the prompt
         mask[c:r, c:r] = torch.ones(r - c, r - c, dtype=torch.bool).tril()

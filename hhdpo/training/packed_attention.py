@@ -29,6 +29,7 @@ from itertools import pairwise
 import torch
 
 from hhdpo.core.config import ConfigError
+from hhdpo.data.packing import pair_bounds
 
 PREFIX = "hhdpo_packed:"
 SHARED = "hhdpo_shared_prompt"  # the model keyword that carries a shared-prompt row's bounds to every attention call
@@ -113,8 +114,7 @@ def _shared_prompt_attention(module, query, key, value, bounds: torch.Tensor, dr
     Returns (1, N, heads, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    b = bounds.tolist()
-    pairs = list(zip(b[0:-1:3], b[1::3], b[2::3], b[3::3], strict=True))
+    pairs = pair_bounds(bounds.tolist())
     _check_packed(query, [n for s, p, c, r in pairs for n in (c - s, p - s + r - c)], window)
     outs = []
     for s, p, c, r in pairs:
